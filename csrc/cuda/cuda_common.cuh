@@ -1,0 +1,111 @@
+// Device-side helpers shared by the dwsep CUDA kernels. Plain CUDA: no torch headers, so nvcc
+// stays fast. Host glue (csrc/cuda/*_glue.cpp) converts tensors into the params structs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/launch.h"
+
+namespace dwsep {
+namespace cuda {
+
+// fp32 accumulation for every storage type but fp64, which accumulates in fp64.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc to_acc(T v) {
+  return static_cast<Acc>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T, typename Acc>
+__device__ __forceinline__ T from_acc(Acc v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// act: 0 = none, 1 = relu, 2 = relu6.
+template <int ACT, typename Acc>
+__device__ __forceinline__ Acc apply_act(Acc v) {
+  if (ACT == 1) return v > Acc(0) ? v : Acc(0);
+  if (ACT == 2) return v < Acc(0) ? Acc(0) : (v > Acc(6) ? Acc(6) : v);
+  return v;
+}
+
+// Whether the activation passes the gradient, judged from its input or output value
+// (identical sets for these activations: relu y > 0, relu6 0 < y < 6). NaN propagates.
+template <int ACT, typename Acc>
+__device__ __forceinline__ bool act_pass(Acc v) {
+  if (ACT == 1) return !(v <= Acc(0));
+  if (ACT == 2) return !(v <= Acc(0) || v >= Acc(6));
+  return true;
+}
+
+}  // namespace cuda
+}  // namespace dwsep
+
+// Turn a runtime dtype into a storage type T (exactly one switch per launcher).
+#define DWSEP_DISPATCH_DTYPE(dtype, T, ...)                 \
+  switch (dtype) {                                          \
+    case ::dwsep::cuda::DType::kFloat32: {                  \
+      using T = float;                                      \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    case ::dwsep::cuda::DType::kFloat64: {                  \
+      using T = double;                                     \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    case ::dwsep::cuda::DType::kFloat16: {                  \
+      using T = __half;                                     \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    case ::dwsep::cuda::DType::kBFloat16: {                 \
+      using T = __nv_bfloat16;                              \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    default:                                                \
+      return cudaErrorInvalidValue;                         \
+  }
+
+#define DWSEP_DISPATCH_ACT(act, ACT, ...)                   \
+  switch (act) {                                            \
+    case 0: {                                               \
+      constexpr int ACT = 0;                                \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    case 1: {                                               \
+      constexpr int ACT = 1;                                \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    case 2: {                                               \
+      constexpr int ACT = 2;                                \
+      __VA_ARGS__;                                          \
+    } break;                                                \
+    default:                                                \
+      return cudaErrorInvalidValue;                         \
+  }

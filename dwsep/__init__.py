@@ -1,0 +1,59 @@
+"""dwsep: fused depthwise-separable convolutions for PyTorch.
+
+Depthwise 3x3 + BatchNorm + ReLU6 and pointwise 1x1 GEMM + BatchNorm + ReLU6, with CUDA,
+Triton and C++ CPU kernels behind one API, and a drop-in MobileNetV1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import _ext
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    triton_version,
+    use_backend,
+)
+from . import functional, nn, ops, reference  # noqa: E402  (ops registers the fake impls)
+from .functional import depthwise_conv_bn_act, pointwise_conv_bn_act
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict[str, Any]:
+    """What this installation has: versions, whether the CUDA kernels were compiled in, and
+    the backends that can run here."""
+    return {
+        "dwsep": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "extension_loaded": _ext.HAS_C,
+        "extension_error": _ext.LOAD_ERROR,
+        "cuda_compiled": _ext.CUDA_COMPILED,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "triton": triton_version(),
+        "backends": available_backends(),
+        "backend": get_backend(),
+    }
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "build_info",
+    "depthwise_conv_bn_act",
+    "functional",
+    "get_backend",
+    "nn",
+    "ops",
+    "pointwise_conv_bn_act",
+    "reference",
+    "set_backend",
+    "use_backend",
+]

@@ -1,0 +1,157 @@
+"""The fused ops: validation, autocast, dispatch to the selected backend, running stats."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, reference
+from . import _validation as V
+from .ops import DepthwiseConvBNActFn, PointwiseConvBNActFn, conv_out_hw
+
+__all__ = ["depthwise_conv_bn_act", "pointwise_conv_bn_act"]
+
+
+def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast, run the conv in the autocast dtype (BN tensors stay as they are),
+    as F.conv2d would."""
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        if x.dtype in (torch.float32, dtype) and weight.dtype in (torch.float32, dtype):
+            return x.to(dtype), weight.to(dtype)
+    return x, weight
+
+
+def _update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    with torch.no_grad():
+        unbiased = var * (count / (count - 1)) if count > 1 else var
+        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def depthwise_conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    *,
+    stride: int = 1,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: Optional[str] = "relu6",
+) -> Tensor:
+    """Fused depthwise 3x3 conv (padding 1) + BatchNorm + activation.
+
+    Same result as ``act(F.batch_norm(F.conv2d(x, weight, None, stride, 1, 1, C), running_mean,
+    running_var, bn_weight, bn_bias, training, momentum, eps))``, including the in-place
+    running-stat update (unbiased variance) in training mode.
+
+    Args:
+        x: (N, C, H, W), contiguous or channels_last (other strides are made dense first).
+        weight: (C, 1, 3, 3), same dtype and device as x.
+        running_mean, running_var: (C,) or None (only when ``training=True``).
+        bn_weight, bn_bias: BN affine (C,) or None.
+        stride: 1 or 2.
+        training: batch statistics (True) or running statistics (False).
+        momentum, eps: as in ``F.batch_norm``.
+        activation: ``"relu6"``, ``"relu"`` or ``None``.
+
+    Returns:
+        (N, C, floor((H-1)/s)+1, floor((W-1)/s)+1) in x's memory format.
+    """
+    fn = "dwsep.depthwise_conv_bn_act"
+    x = V.check_input(fn, x)
+    C = x.shape[1]
+    weight = V.check_weight(fn, weight, x, (C, 1, 3, 3), "(C, 1, 3, 3) for x's C channels")
+    x, weight = _autocast(x, weight)
+    stride = V.check_stride(fn, stride)
+    act = V.activation_code(fn, activation)
+    V.check_bn(fn, x, C, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    ho, wo = conv_out_hw(x.shape[2], x.shape[3], stride)
+    count = x.shape[0] * ho * wo
+    V.check_batch_count(fn, count, (x.shape[0], C, ho, wo), training)
+
+    backend = backends.resolve(x.device, "depthwise_conv_bn_act")
+    if backend == "torch":
+        return reference.depthwise_conv_bn_act(
+            x, weight, running_mean, running_var, bn_weight, bn_bias, stride=stride,
+            training=training, momentum=momentum, eps=eps, activation=activation,
+        )
+    fmt = V.memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    weight = weight.contiguous()
+    y, mean, var = DepthwiseConvBNActFn.apply(
+        x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training,
+        float(eps), act,
+    )
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
+    return y
+
+
+def pointwise_conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    bn_weight: Optional[Tensor] = None,
+    bn_bias: Optional[Tensor] = None,
+    *,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: Optional[str] = "relu6",
+) -> Tensor:
+    """Fused pointwise 1x1 conv (a GEMM) + BatchNorm + activation.
+
+    Same result as ``act(F.batch_norm(F.conv2d(x, weight), running_mean, running_var,
+    bn_weight, bn_bias, training, momentum, eps))``, including the running-stat update.
+
+    Args:
+        x: (N, Cin, H, W), contiguous or channels_last.
+        weight: (Cout, Cin, 1, 1), same dtype and device as x.
+        running_mean, running_var, bn_weight, bn_bias: (Cout,) or None, as in F.batch_norm.
+        training, momentum, eps, activation: as in :func:`depthwise_conv_bn_act`.
+
+    Returns:
+        (N, Cout, H, W) in x's memory format.
+    """
+    fn = "dwsep.pointwise_conv_bn_act"
+    x = V.check_input(fn, x)
+    weight = V.check_weight(
+        fn, weight, x, (None, x.shape[1], 1, 1), "(Cout, Cin, 1, 1) with Cin = x's channels"
+    )
+    cout = weight.shape[0]
+    x, weight = _autocast(x, weight)
+    act = V.activation_code(fn, activation)
+    V.check_bn(fn, x, cout, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    V.check_batch_count(fn, count, (x.shape[0], cout, x.shape[2], x.shape[3]), training)
+
+    backend = backends.resolve(x.device, "pointwise_conv_bn_act")
+    if backend == "torch":
+        return reference.pointwise_conv_bn_act(
+            x, weight, running_mean, running_var, bn_weight, bn_bias, training=training,
+            momentum=momentum, eps=eps, activation=activation,
+        )
+    keep_z = _needs_grad(x, weight, bn_weight, bn_bias)
+    fmt = V.memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    w2d = weight.reshape(cout, x.shape[1]).contiguous()
+    y, mean, var = PointwiseConvBNActFn.apply(
+        x, w2d, bn_weight, bn_bias, running_mean, running_var, backend, training, float(eps),
+        act, keep_z,
+    )
+    if training and running_mean is not None:
+        _update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
+    return y

@@ -1,0 +1,280 @@
+"""Custom-op glue: fake (meta) implementations, the Triton op registrations, and the
+``torch.autograd.Function`` s that drive the forward and backward ops of each backend.
+
+The compiled ops live in the ``dwsep`` namespace (schemas in ``csrc/registration.cpp``, CPU and
+CUDA kernels attached per device). The Triton backend registers the same schemas under
+``dwsep_triton`` (see :func:`_register_triton_ops`). Both share the fake implementations here,
+so ``torch.compile(fullgraph=True)`` traces either without graph breaks.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from ._validation import memory_format
+
+# --------------------------------------------------------------------------------------------
+# Output allocation, shared by the fake impls and the Triton ops.
+
+_POISON = False  # see dwsep._debug.poison_outputs
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of per-channel vectors (scale, shift, statistics): fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _new(shape, like: Tensor, dtype: Optional[torch.dtype] = None, fmt=None) -> Tensor:
+    out = torch.empty(
+        shape,
+        dtype=dtype or like.dtype,
+        device=like.device,
+        memory_format=fmt or torch.contiguous_format,
+    )
+    if _POISON and out.numel() > 0 and not isinstance(out, torch._subclasses.FakeTensor):
+        out.fill_(float("nan"))
+    return out
+
+
+def _vec(like: Tensor, n: int) -> Tensor:
+    return _new((n,), like, acc_dtype(like.dtype))
+
+
+def conv_out_hw(h: int, w: int, stride: int) -> tuple[int, int]:
+    """Output size of a 3x3, padding-1 conv: floor((H - 1) / s) + 1."""
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def alloc_dw_fwd(x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    n, c, h, w = x.shape
+    ho, wo = conv_out_hw(h, w, stride)
+    return _new((n, c, ho, wo), x, fmt=memory_format(x))
+
+
+def alloc_pw_out(x: Tensor, weight: Tensor) -> Tensor:
+    n, _, h, w = x.shape
+    return _new((n, weight.shape[0], h, w), x, fmt=memory_format(x))
+
+
+def _fake_dw_fwd(x, weight, scale, shift, stride, act):
+    return alloc_dw_fwd(x, weight, stride)
+
+
+def _fake_dw_stats(x, weight, stride):
+    return _vec(x, x.shape[1]), _vec(x, x.shape[1])
+
+
+def _fake_dw_bwd_reduce(grad_y, y, x, weight, mean, invstd, stride, act):
+    return _vec(x, x.shape[1]), _vec(x, x.shape[1])
+
+
+def _fake_dw_bwd(grad_y, y, x, weight, k, b, c, stride, act, use_z):
+    return _new(x.shape, x, fmt=memory_format(x)), _new(weight.shape, weight)
+
+
+def _fake_pw_fwd(x, weight, scale, shift, act):
+    return alloc_pw_out(x, weight)
+
+
+def _fake_pw_fwd_stats(x, weight):
+    return alloc_pw_out(x, weight), _vec(x, weight.shape[0]), _vec(x, weight.shape[0])
+
+
+def _fake_bn_act(z, scale, shift, act):
+    return _new(z.shape, z, fmt=memory_format(z))
+
+
+def _fake_pw_bwd_reduce(grad_y, z, scale, shift, mean, invstd, act):
+    return _vec(z, z.shape[1]), _vec(z, z.shape[1])
+
+
+def _fake_pw_bwd(grad_y, z, x, weight, scale, shift, k, b, c, act):
+    return _new(x.shape, x, fmt=memory_format(x)), _new(weight.shape, weight)
+
+
+FAKES = {
+    "dw_fwd": _fake_dw_fwd,
+    "dw_stats": _fake_dw_stats,
+    "dw_bwd_reduce": _fake_dw_bwd_reduce,
+    "dw_bwd": _fake_dw_bwd,
+    "pw_fwd": _fake_pw_fwd,
+    "pw_fwd_stats": _fake_pw_fwd_stats,
+    "bn_act": _fake_bn_act,
+    "pw_bwd_reduce": _fake_pw_bwd_reduce,
+    "pw_bwd": _fake_pw_bwd,
+}
+OP_NAMES = tuple(FAKES)
+
+if _ext.HAS_C:
+    for _name, _fake in FAKES.items():
+        torch.library.register_fake(f"dwsep::{_name}")(_fake)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton ops: the same schemas in the dwsep_triton namespace, registered on first use so that
+# triton (and TRITON_INTERPRET) is only looked at when the triton backend is asked for.
+
+_triton_lock = threading.Lock()
+_triton_registered = False
+
+
+def _register_triton_ops() -> None:
+    global _triton_registered
+    with _triton_lock:
+        if _triton_registered:
+            return
+        from ._triton_ops import register
+
+        register(FAKES)
+        _triton_registered = True
+
+
+def op_table(backend: str):
+    """The op namespace that implements ``backend``: ``torch.ops.dwsep`` for the compiled
+    cpu/cuda kernels (the dispatcher picks the device), ``torch.ops.dwsep_triton`` for Triton."""
+    if backend == "triton":
+        if not _triton_registered:
+            _register_triton_ops()
+        return torch.ops.dwsep_triton
+    return torch.ops.dwsep
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _bn_affine(mean, invstd, bn_weight, bn_bias, acc):
+    """Fold BN into scale = gamma * invstd and shift = beta - mean * scale (acc dtype)."""
+    scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+    shift = -mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.to(acc)
+    return scale.contiguous(), shift.contiguous()
+
+
+def _grad_coefficients(training, scale, invstd, mean, sum_gz, sum_gzxh, count):
+    """g_conv = k * g_z + b * z + c (train); g_conv = scale * g_z (eval)."""
+    if not training:
+        zero = torch.zeros_like(scale)
+        return scale, zero, zero
+    inv_n = 1.0 / max(count, 1)
+    k = scale
+    b = -k * invstd * (sum_gzxh * inv_n)
+    c = -k * (sum_gz * inv_n) - b * mean
+    return k.contiguous(), b.contiguous(), c.contiguous()
+
+
+def _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc):
+    if training:
+        return batch_mean, torch.rsqrt(batch_var + eps)
+    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+
+
+class DepthwiseConvBNActFn(torch.autograd.Function):
+    """Forward/backward of the fused depthwise op on a kernel backend (cuda/cpu/triton).
+
+    Returns ``(y, batch_mean, batch_var)``; the two statistics are non-differentiable and are
+    used by the caller for the running-stat update (training mode only).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride,
+                training, eps, act):
+        ops = op_table(backend)
+        acc = acc_dtype(x.dtype)
+        if training:
+            batch_mean, batch_var = ops.dw_stats(x, weight, stride)
+        else:
+            batch_mean = batch_var = x.new_empty((0,), dtype=acc)
+        mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
+        scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
+        y = ops.dw_fwd(x, weight, scale, shift, stride, act)
+        ctx.save_for_backward(x, weight, y, mean, invstd, scale, bn_weight)
+        ctx.cfg = (backend, stride, training, act)
+        ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        return y, batch_mean, batch_var
+
+    @staticmethod
+    def backward(ctx, grad_y, _gm, _gv):
+        x, weight, y, mean, invstd, scale, bn_weight = ctx.saved_tensors
+        backend, stride, training, act = ctx.cfg
+        ops = op_table(backend)
+        need = ctx.needs_input_grad
+        grad_y = grad_y.contiguous(memory_format=memory_format(y))
+        gx = gw = g_gamma = g_beta = None
+        sum_gz = sum_gzxh = None
+        if training or need[2] or need[3]:
+            sum_gz, sum_gzxh = ops.dw_bwd_reduce(grad_y, y, x, weight, mean, invstd, stride, act)
+        if need[0] or need[1]:
+            count = y.shape[0] * y.shape[2] * y.shape[3]
+            k, b, c = _grad_coefficients(training, scale, invstd, mean, sum_gz, sum_gzxh, count)
+            gx, gw = ops.dw_bwd(grad_y, y, x, weight, k, b, c, stride, act, training)
+        if need[2]:
+            g_gamma = sum_gzxh.to(bn_weight.dtype)
+        if need[3]:
+            g_beta = sum_gz.to(ctx.beta_dtype)
+        return gx, gw, g_gamma, g_beta, None, None, None, None, None, None, None
+
+
+class PointwiseConvBNActFn(torch.autograd.Function):
+    """Forward/backward of the fused pointwise op on a kernel backend (cuda/cpu/triton).
+
+    ``weight`` is the 2-D (Cout, Cin) view. When no gradient is needed the forward is the single
+    fused GEMM + BN + act kernel; otherwise it keeps the pre-BN output z for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, backend,
+                training, eps, act, keep_z):
+        ops = op_table(backend)
+        acc = acc_dtype(x.dtype)
+        if training or keep_z:
+            z, batch_mean, batch_var = ops.pw_fwd_stats(x, weight)
+            if not training:
+                batch_mean = batch_var = x.new_empty((0,), dtype=acc)
+        else:
+            z = None
+            batch_mean = batch_var = x.new_empty((0,), dtype=acc)
+        mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
+        scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
+        if z is None:
+            y = ops.pw_fwd(x, weight, scale, shift, act)
+        else:
+            y = ops.bn_act(z, scale, shift, act)
+        ctx.save_for_backward(x, weight, z, mean, invstd, scale, shift, bn_weight)
+        ctx.cfg = (backend, training, act)
+        ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
+        ctx.mark_non_differentiable(batch_mean, batch_var)
+        return y, batch_mean, batch_var
+
+    @staticmethod
+    def backward(ctx, grad_y, _gm, _gv):
+        x, weight, z, mean, invstd, scale, shift, bn_weight = ctx.saved_tensors
+        backend, training, act = ctx.cfg
+        if z is None:
+            raise RuntimeError(
+                "dwsep.pointwise_conv_bn_act: backward called on an output computed without "
+                "autograd tracking (no input required grad in the forward)"
+            )
+        ops = op_table(backend)
+        need = ctx.needs_input_grad
+        grad_y = grad_y.contiguous(memory_format=memory_format(z))
+        gx = gw = g_gamma = g_beta = None
+        sum_gz = sum_gzxh = None
+        if training or need[2] or need[3]:
+            sum_gz, sum_gzxh = ops.pw_bwd_reduce(grad_y, z, scale, shift, mean, invstd, act)
+        if need[0] or need[1]:
+            count = z.shape[0] * z.shape[2] * z.shape[3]
+            k, b, c = _grad_coefficients(training, scale, invstd, mean, sum_gz, sum_gzxh, count)
+            gx, gw = ops.pw_bwd(grad_y, z, x, weight, scale, shift, k, b, c, act)
+        if need[2]:
+            g_gamma = sum_gzxh.to(bn_weight.dtype)
+        if need[3]:
+            g_beta = sum_gz.to(ctx.beta_dtype)
+        return gx, gw, g_gamma, g_beta, None, None, None, None, None, None, None
