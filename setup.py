@@ -30,7 +30,12 @@ def _log(msg: str) -> None:
 
 
 def _has_nvcc(home: str | None) -> bool:
-    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+    """A real toolkit: bin/nvcc and the runtime headers (not a directory holding a wrapper)."""
+    return (
+        bool(home)
+        and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+    )
 
 
 def find_cuda_home() -> str | None:
@@ -44,7 +49,7 @@ def find_cuda_home() -> str | None:
     if nvcc:
         candidates.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     for home in candidates:
-        if _has_nvcc(home) and os.path.isdir(os.path.join(home, "include")):
+        if _has_nvcc(home):
             return home
     if nvcc:  # a wrapper: ask it where the real compiler lives
         try:
@@ -102,14 +107,13 @@ def build_ext_modules():
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fvisibility=hidden", *host_isa_flags()]
+    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", *host_isa_flags()]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cuda_home:
         sources += rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
         cxx.append("-DDWSEP_WITH_CUDA")
         nvcc = [
             "-O3",
-            "-std=c++17",
             "-lineinfo",
             "--expt-relaxed-constexpr",
             "-Xptxas=-v" if os.environ.get("DWSEP_PTXAS_VERBOSE") else "-Xptxas=-O3",
