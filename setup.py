@@ -105,7 +105,9 @@ def build_ext_modules():
         _log(f"{msg}; building the CPU extension only")
         cuda_home = None
 
-    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))  # noqa: E731
+    def rel(pattern: str) -> list[str]:
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp", "-fvisibility=hidden", *host_isa_flags()]
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -16,8 +16,8 @@ bool debug_poison();
 enum Act : int64_t { kActNone = 0, kActRelu = 1, kActRelu6 = 2 };
 
 inline void check_act(const char* op, int64_t act) {
-  TORCH_CHECK(act >= 0 && act <= 2, "dwsep::", op, ": act must be 0 (none), 1 (relu) or 2 (relu6), got ",
-              act);
+  TORCH_CHECK(act >= 0 && act <= 2, "dwsep::", op,
+              ": act must be 0 (none), 1 (relu) or 2 (relu6), got ", act);
 }
 
 // True when x is dense channels_last (and not also dense NCHW); false for dense NCHW.
@@ -62,8 +62,8 @@ inline void check_channel_vec(const char* op, const char* name, const at::Tensor
 
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& x) {
   const auto t = x.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "dwsep::",
-              op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", t);
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "dwsep::", op, ": ", name, " must be float16, bfloat16, float32 or float64, got ", t);
 }
 
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts,

@@ -14,15 +14,20 @@ namespace dwsep {
 
 namespace {
 bool g_debug_poison = false;
-void set_debug_poison(bool enable) { g_debug_poison = enable; }
+void set_debug_poison(bool enable) {
+  g_debug_poison = enable;
+}
 }  // namespace
 
-bool debug_poison() { return g_debug_poison; }
+bool debug_poison() {
+  return g_debug_poison;
+}
 
 TORCH_LIBRARY(dwsep, m) {
   // Depthwise 3x3 (padding 1) conv, BN folded into per-channel (scale, shift), activation.
   // act: 0 = none, 1 = relu, 2 = relu6. scale/shift/stat tensors are fp32 (fp64 for fp64 x).
-  m.def("dw_fwd(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int act) -> Tensor");
+  m.def(
+      "dw_fwd(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int act) -> Tensor");
   // Per-channel batch mean and biased variance of conv(x) over (N, Ho, Wo).
   m.def("dw_stats(Tensor x, Tensor weight, int stride) -> (Tensor mean, Tensor var)");
   // Per-channel sum(g_z) and sum(g_z * xhat), with g_z = grad_y * act'(y) and

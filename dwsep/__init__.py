@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import _ext
+from . import _ext, functional, nn, ops, reference
 from .backends import (
     BackendUnavailableError,
     available_backends,
@@ -19,7 +19,6 @@ from .backends import (
     triton_version,
     use_backend,
 )
-from . import functional, nn, ops, reference  # noqa: E402  (ops registers the fake impls)
 from .functional import depthwise_conv_bn_act, pointwise_conv_bn_act
 
 __version__ = "0.1.0"

@@ -16,8 +16,9 @@ def register(fakes: dict) -> None:
         op = torch.library.custom_op(f"dwsep_triton::{name}", fn, mutates_args=())
         op.register_fake(fakes[name])
 
-    def dw_fwd(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int,
-               act: int) -> Tensor:
+    def dw_fwd(
+        x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride: int, act: int
+    ) -> Tensor:
         y = fakes["dw_fwd"](x, weight, scale, shift, stride, act)
         if y.numel():
             kt.dw_fwd(x, weight, scale, shift, stride, act, y)
@@ -28,14 +29,32 @@ def register(fakes: dict) -> None:
         kt.dw_stats(x, weight, stride, mean, var)
         return mean, var
 
-    def dw_bwd_reduce(grad_y: Tensor, y: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                      invstd: Tensor, stride: int, act: int) -> tuple[Tensor, Tensor]:
+    def dw_bwd_reduce(
+        grad_y: Tensor,
+        y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        stride: int,
+        act: int,
+    ) -> tuple[Tensor, Tensor]:
         s_gz, s_gzx = fakes["dw_bwd_reduce"](grad_y, y, x, weight, mean, invstd, stride, act)
         kt.dw_bwd_reduce(grad_y, y, x, weight, mean, invstd, stride, act, s_gz, s_gzx)
         return s_gz, s_gzx
 
-    def dw_bwd(grad_y: Tensor, y: Tensor, x: Tensor, weight: Tensor, k: Tensor, b: Tensor,
-               c: Tensor, stride: int, act: int, use_z: bool) -> tuple[Tensor, Tensor]:
+    def dw_bwd(
+        grad_y: Tensor,
+        y: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        k: Tensor,
+        b: Tensor,
+        c: Tensor,
+        stride: int,
+        act: int,
+        use_z: bool,
+    ) -> tuple[Tensor, Tensor]:
         gx, gw = fakes["dw_bwd"](grad_y, y, x, weight, k, b, c, stride, act, use_z)
         kt.dw_bwd(grad_y, y, x, weight, k, b, c, stride, act, use_z, gx, gw)
         return gx, gw
@@ -57,21 +76,44 @@ def register(fakes: dict) -> None:
             kt.bn_act(z, scale, shift, act, y)
         return y
 
-    def pw_bwd_reduce(grad_y: Tensor, z: Tensor, scale: Tensor, shift: Tensor, mean: Tensor,
-                      invstd: Tensor, act: int) -> tuple[Tensor, Tensor]:
+    def pw_bwd_reduce(
+        grad_y: Tensor,
+        z: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        mean: Tensor,
+        invstd: Tensor,
+        act: int,
+    ) -> tuple[Tensor, Tensor]:
         s_gz, s_gzx = fakes["pw_bwd_reduce"](grad_y, z, scale, shift, mean, invstd, act)
         kt.pw_bwd_reduce(grad_y, z, scale, shift, mean, invstd, act, s_gz, s_gzx)
         return s_gz, s_gzx
 
-    def pw_bwd(grad_y: Tensor, z: Tensor, x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor,
-               k: Tensor, b: Tensor, c: Tensor, act: int) -> tuple[Tensor, Tensor]:
+    def pw_bwd(
+        grad_y: Tensor,
+        z: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        scale: Tensor,
+        shift: Tensor,
+        k: Tensor,
+        b: Tensor,
+        c: Tensor,
+        act: int,
+    ) -> tuple[Tensor, Tensor]:
         gx, gw = fakes["pw_bwd"](grad_y, z, x, weight, scale, shift, k, b, c, act)
         kt.pw_bwd(grad_y, z, x, weight, scale, shift, k, b, c, act, gx, gw)
         return gx, gw
 
     for name, fn in [
-        ("dw_fwd", dw_fwd), ("dw_stats", dw_stats), ("dw_bwd_reduce", dw_bwd_reduce),
-        ("dw_bwd", dw_bwd), ("pw_fwd", pw_fwd), ("pw_fwd_stats", pw_fwd_stats),
-        ("bn_act", bn_act), ("pw_bwd_reduce", pw_bwd_reduce), ("pw_bwd", pw_bwd),
+        ("dw_fwd", dw_fwd),
+        ("dw_stats", dw_stats),
+        ("dw_bwd_reduce", dw_bwd_reduce),
+        ("dw_bwd", dw_bwd),
+        ("pw_fwd", pw_fwd),
+        ("pw_fwd_stats", pw_fwd_stats),
+        ("bn_act", bn_act),
+        ("pw_bwd_reduce", pw_bwd_reduce),
+        ("pw_bwd", pw_bwd),
     ]:
         define(name, fn)

@@ -36,9 +36,7 @@ def check_input(fn: str, x: object) -> Tensor:
             f"{tuple(x.shape)}"
         )
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}"
-        )
+        raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.shape[1] == 0:
         raise ValueError(f"{fn}: x must have at least one channel, got shape {tuple(x.shape)}")
     if x.numel() > MAX_NUMEL:

@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends, reference
 from . import _validation as V
+from . import backends, reference
 from .ops import DepthwiseConvBNActFn, PointwiseConvBNActFn, conv_out_hw
 
 __all__ = ["depthwise_conv_bn_act", "pointwise_conv_bn_act"]
@@ -84,17 +84,35 @@ def depthwise_conv_bn_act(
     backend = backends.resolve(x.device, "depthwise_conv_bn_act")
     if backend == "torch":
         return reference.depthwise_conv_bn_act(
-            x, weight, running_mean, running_var, bn_weight, bn_bias, stride=stride,
-            training=training, momentum=momentum, eps=eps, activation=activation,
+            x,
+            weight,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            stride=stride,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            activation=activation,
         )
     fmt = V.memory_format(x)
     x = x.contiguous(memory_format=fmt)
     weight = weight.contiguous()
     y, mean, var = DepthwiseConvBNActFn.apply(
-        x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training,
-        float(eps), act,
+        x,
+        weight,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        backend,
+        stride,
+        training,
+        float(eps),
+        act,
     )
-    if training and running_mean is not None:
+    if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
     return y
 
@@ -141,17 +159,34 @@ def pointwise_conv_bn_act(
     backend = backends.resolve(x.device, "pointwise_conv_bn_act")
     if backend == "torch":
         return reference.pointwise_conv_bn_act(
-            x, weight, running_mean, running_var, bn_weight, bn_bias, training=training,
-            momentum=momentum, eps=eps, activation=activation,
+            x,
+            weight,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+            activation=activation,
         )
     keep_z = _needs_grad(x, weight, bn_weight, bn_bias)
     fmt = V.memory_format(x)
     x = x.contiguous(memory_format=fmt)
     w2d = weight.reshape(cout, x.shape[1]).contiguous()
     y, mean, var = PointwiseConvBNActFn.apply(
-        x, w2d, bn_weight, bn_bias, running_mean, running_var, backend, training, float(eps),
-        act, keep_z,
+        x,
+        w2d,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        backend,
+        training,
+        float(eps),
+        act,
+        keep_z,
     )
-    if training and running_mean is not None:
+    if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
     return y

@@ -50,7 +50,9 @@ class _ConvBNAct(nn.Module):
     @staticmethod
     def _check_pair(cls_name: str, conv: nn.Module, bn: nn.Module) -> None:
         if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"{cls_name}.from_modules: conv must be nn.Conv2d, got {type(conv).__name__}")
+            raise TypeError(
+                f"{cls_name}.from_modules: conv must be nn.Conv2d, got {type(conv).__name__}"
+            )
         if not isinstance(bn, nn.BatchNorm2d):
             raise TypeError(
                 f"{cls_name}.from_modules: bn must be nn.BatchNorm2d, got {type(bn).__name__}"
@@ -126,7 +128,10 @@ class DepthwiseConvBNAct(_ConvBNAct):
 
     def forward(self, x: Tensor) -> Tensor:
         return DF.depthwise_conv_bn_act(
-            x, self.conv.weight, stride=self.stride, activation=self.activation,
+            x,
+            self.conv.weight,
+            stride=self.stride,
+            activation=self.activation,
             **_bn_forward_args(self, self.bn),
         )
 

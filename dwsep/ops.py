@@ -183,8 +183,20 @@ class DepthwiseConvBNActFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride,
-                training, eps, act):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        backend,
+        stride,
+        training,
+        eps,
+        act,
+    ):
         ops = op_table(backend)
         acc = acc_dtype(x.dtype)
         if training:
@@ -230,8 +242,20 @@ class PointwiseConvBNActFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bn_weight, bn_bias, running_mean, running_var, backend,
-                training, eps, act, keep_z):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bn_weight,
+        bn_bias,
+        running_mean,
+        running_var,
+        backend,
+        training,
+        eps,
+        act,
+        keep_z,
+    ):
         ops = op_table(backend)
         acc = acc_dtype(x.dtype)
         if training or keep_z:

@@ -18,7 +18,8 @@ void bn_act_kernel(const T* z, T* y, const typename AccOf<T>::type* scale,
         const T* zi = z + p * C;
         T* yo = y + p * C;
         for (int64_t c = 0; c < C; ++c) {
-          yo[c] = static_cast<T>(apply_act<Acc>(static_cast<Acc>(zi[c]) * scale[c] + shift[c], act));
+          yo[c] =
+              static_cast<T>(apply_act<Acc>(static_cast<Acc>(zi[c]) * scale[c] + shift[c], act));
         }
       }
     });
@@ -61,6 +62,8 @@ at::Tensor bn_act_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Te
 }  // namespace
 }  // namespace cpu
 
-TORCH_LIBRARY_IMPL(dwsep, CPU, m) { m.impl("bn_act", &cpu::bn_act_cpu); }
+TORCH_LIBRARY_IMPL(dwsep, CPU, m) {
+  m.impl("bn_act", &cpu::bn_act_cpu);
+}
 
 }  // namespace dwsep

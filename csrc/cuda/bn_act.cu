@@ -37,7 +37,8 @@ __global__ void bn_act_kernel(const T* __restrict__ z, T* __restrict__ y,
       const int64_t c = (e / HW) % C;
       const Acc s = scale[c], b = shift[c];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out.v[j] = from_acc<T>(apply_act<ACT>(to_acc<Acc>(in.v[j]) * s + b));
+      for (int j = 0; j < VEC; ++j)
+        out.v[j] = from_acc<T>(apply_act<ACT>(to_acc<Acc>(in.v[j]) * s + b));
     }
     reinterpret_cast<Vec<T, VEC>*>(y)[i] = out;
   }
@@ -56,14 +57,18 @@ cudaError_t launch(const BnActParams& p, cudaStream_t stream) {
   auto* sc = static_cast<const Acc*>(p.scale);
   auto* sh = static_cast<const Acc*>(p.shift);
   if (p.nhwc) {
-    bn_act_kernel<T, ACT, VEC, true><<<blocks, kThreads, 0, stream>>>(z, y, sc, sh, n_vec, p.C, p.HW);
+    bn_act_kernel<T, ACT, VEC, true>
+        <<<blocks, kThreads, 0, stream>>>(z, y, sc, sh, n_vec, p.C, p.HW);
   } else {
-    bn_act_kernel<T, ACT, VEC, false><<<blocks, kThreads, 0, stream>>>(z, y, sc, sh, n_vec, p.C, p.HW);
+    bn_act_kernel<T, ACT, VEC, false>
+        <<<blocks, kThreads, 0, stream>>>(z, y, sc, sh, n_vec, p.C, p.HW);
   }
   return cudaGetLastError();
 }
 
-bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+bool aligned(const void* ptr, int bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
 
 }  // namespace
 

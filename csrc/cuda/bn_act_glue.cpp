@@ -19,14 +19,17 @@ at::Tensor bn_act_cuda(const at::Tensor& z, const at::Tensor& scale, const at::T
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor y = new_output(z.sizes(), z.options(), memory_format(nhwc));
   if (z.numel() == 0) return y;
-  cuda::BnActParams p{z.data_ptr(), y.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                      z.size(0),    C,          z.size(2) * z.size(3), nhwc, static_cast<int>(act)};
+  cuda::BnActParams p{z.data_ptr(),          y.data_ptr(), scale.data_ptr(),
+                      shift.data_ptr(),      z.size(0),    C,
+                      z.size(2) * z.size(3), nhwc,         static_cast<int>(act)};
   check_cuda(op, cuda::bn_act(p, cuda_dtype(op, z.scalar_type()), current_stream()));
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dwsep, CUDA, m) { m.impl("bn_act", &bn_act_cuda); }
+TORCH_LIBRARY_IMPL(dwsep, CUDA, m) {
+  m.impl("bn_act", &bn_act_cuda);
+}
 
 }  // namespace dwsep

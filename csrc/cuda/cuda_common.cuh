@@ -70,42 +70,42 @@ __device__ __forceinline__ bool act_pass(Acc v) {
 }  // namespace dwsep
 
 // Turn a runtime dtype into a storage type T (exactly one switch per launcher).
-#define DWSEP_DISPATCH_DTYPE(dtype, T, ...)                 \
-  switch (dtype) {                                          \
-    case ::dwsep::cuda::DType::kFloat32: {                  \
-      using T = float;                                      \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    case ::dwsep::cuda::DType::kFloat64: {                  \
-      using T = double;                                     \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    case ::dwsep::cuda::DType::kFloat16: {                  \
-      using T = __half;                                     \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    case ::dwsep::cuda::DType::kBFloat16: {                 \
-      using T = __nv_bfloat16;                              \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    default:                                                \
-      return cudaErrorInvalidValue;                         \
+#define DWSEP_DISPATCH_DTYPE(dtype, T, ...) \
+  switch (dtype) {                          \
+    case ::dwsep::cuda::DType::kFloat32: {  \
+      using T = float;                      \
+      __VA_ARGS__;                          \
+    } break;                                \
+    case ::dwsep::cuda::DType::kFloat64: {  \
+      using T = double;                     \
+      __VA_ARGS__;                          \
+    } break;                                \
+    case ::dwsep::cuda::DType::kFloat16: {  \
+      using T = __half;                     \
+      __VA_ARGS__;                          \
+    } break;                                \
+    case ::dwsep::cuda::DType::kBFloat16: { \
+      using T = __nv_bfloat16;              \
+      __VA_ARGS__;                          \
+    } break;                                \
+    default:                                \
+      return cudaErrorInvalidValue;         \
   }
 
-#define DWSEP_DISPATCH_ACT(act, ACT, ...)                   \
-  switch (act) {                                            \
-    case 0: {                                               \
-      constexpr int ACT = 0;                                \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    case 1: {                                               \
-      constexpr int ACT = 1;                                \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    case 2: {                                               \
-      constexpr int ACT = 2;                                \
-      __VA_ARGS__;                                          \
-    } break;                                                \
-    default:                                                \
-      return cudaErrorInvalidValue;                         \
+#define DWSEP_DISPATCH_ACT(act, ACT, ...) \
+  switch (act) {                          \
+    case 0: {                             \
+      constexpr int ACT = 0;              \
+      __VA_ARGS__;                        \
+    } break;                              \
+    case 1: {                             \
+      constexpr int ACT = 1;              \
+      __VA_ARGS__;                        \
+    } break;                              \
+    case 2: {                             \
+      constexpr int ACT = 2;              \
+      __VA_ARGS__;                        \
+    } break;                              \
+    default:                              \
+      return cudaErrorInvalidValue;       \
   }

@@ -27,10 +27,12 @@ inline cuda::DType cuda_dtype(const char* op, at::ScalarType t) {
 }
 
 inline void check_cuda(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, "dwsep::", op, ": CUDA kernel launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "dwsep::", op,
+              ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+inline cudaStream_t current_stream() {
+  return c10::cuda::getCurrentCUDAStream().stream();
+}
 
 }  // namespace dwsep

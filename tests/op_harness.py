@@ -1,0 +1,147 @@
+"""Shared harness for the fused-op tests: builds inputs, runs an op on a backend, and compares
+output, running statistics and every gradient with the float64 reference."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pytest
+import torch
+
+import dwsep
+from dwsep.testing import (
+    ABS_FLOOR,
+    GRAD_TOLERANCES,
+    TOLERANCES,
+    assert_close,
+    dtypes_for,
+    kernel_cases,
+    reference_f64,
+    skip_reason,
+)
+
+ACTIVATIONS = ["relu6", "relu", None]
+LAYOUTS = ["contiguous", "channels_last"]
+FUNCS = {
+    "depthwise": dwsep.functional.depthwise_conv_bn_act,
+    "pointwise": dwsep.functional.pointwise_conv_bn_act,
+}
+
+
+def backend_params(include_torch: bool = False):
+    """pytest params over (backend, device), skipped with the reason when unavailable."""
+    out = []
+    for backend, device in kernel_cases(include_torch):
+        why = skip_reason(backend, device)
+        marks = [pytest.mark.skip(reason=f"{backend} on {device}: {why}")] if why else []
+        if device == "cuda":
+            marks.append(pytest.mark.gpu)
+        out.append(pytest.param(backend, device, marks=marks, id=f"{backend}-{device}"))
+    return out
+
+
+def backend_dtype_params(include_torch: bool = False):
+    out = []
+    for p in backend_params(include_torch):
+        backend, device = p.values
+        for dt in dtypes_for(backend, device):
+            out.append(pytest.param(backend, device, dt, marks=p.marks, id=f"{p.id}-{str(dt)[6:]}"))
+    return out
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def make_inputs(op, x_shape, dtype, device, *, cout=None, seed=0, affine=True, bn_dtype=None):
+    """x ~ N(0,1), weights scaled to keep activations O(1), BN stats away from degenerate."""
+    g = torch.Generator().manual_seed(seed)
+    n, c, h, w = x_shape
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+    if op == "depthwise":
+        weight = torch.randn((c, 1, 3, 3), generator=g, dtype=torch.float64) / 3.0
+        cb = c
+    else:
+        weight = torch.randn((cout, c, 1, 1), generator=g, dtype=torch.float64) / math.sqrt(c)
+        cb = cout
+    bn_dtype = bn_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    bn = {
+        "running_mean": torch.randn(cb, generator=g, dtype=torch.float64) * 0.2,
+        "running_var": torch.rand(cb, generator=g, dtype=torch.float64) + 0.5,
+        "bn_weight": (torch.rand(cb, generator=g, dtype=torch.float64) + 0.5) if affine else None,
+        "bn_bias": (torch.randn(cb, generator=g, dtype=torch.float64) * 0.5) if affine else None,
+    }
+    x = x.to(dtype=dtype, device=device)
+    weight = weight.to(dtype=dtype, device=device)
+    bn = {k: (None if v is None else v.to(dtype=bn_dtype, device=device)) for k, v in bn.items()}
+    return x, weight, bn
+
+
+def run_and_compare(
+    op: str,
+    backend: str,
+    device: str,
+    dtype: torch.dtype,
+    x_shape,
+    *,
+    cout: Optional[int] = None,
+    stride: int = 1,
+    layout: str = "contiguous",
+    training: bool = False,
+    activation: Optional[str] = "relu6",
+    grads: bool = True,
+    affine: bool = True,
+    seed: int = 0,
+    x_transform=None,
+):
+    """Forward (+ running stats) and, with ``grads``, every gradient vs the float64 oracle."""
+    x, weight, bn = make_inputs(op, x_shape, dtype, device, cout=cout, seed=seed, affine=affine)
+    x = to_layout(x, layout)
+    if x_transform is not None:
+        x = x_transform(x)
+    leaves = [x, weight] + [bn["bn_weight"], bn["bn_bias"]]
+    for t in leaves:
+        if t is not None:
+            t.requires_grad_(grads)
+    kwargs = {"training": training, "momentum": 0.1, "eps": 1e-5, "activation": activation}
+    if op == "depthwise":
+        kwargs["stride"] = stride
+
+    # oracle on float64 copies of the same (rounded) inputs
+    x64 = x.detach().double().requires_grad_(grads)
+    w64 = weight.detach().double().requires_grad_(grads)
+    y_ref, bn64 = reference_f64(op, x64, w64, bn, requires_grad=grads, **kwargs)
+
+    with dwsep.use_backend(backend):
+        y = FUNCS[op](x, weight, **bn, **kwargs)
+
+    tol, gtol = TOLERANCES[dtype], GRAD_TOLERANCES[dtype]
+    case = f"{op}/{backend}/{device}/{dtype}/{tuple(x_shape)}/s{stride}/{layout}/train={training}/{activation}"
+    assert y.dtype == dtype and y.device == x.device, case
+    assert y.shape == y_ref.shape, f"{case}: shape {tuple(y.shape)} != {tuple(y_ref.shape)}"
+    if layout == "channels_last" and x_transform is None:
+        assert y.is_contiguous(memory_format=torch.channels_last), f"{case}: layout not kept"
+    elif x_transform is None:
+        assert y.is_contiguous(), f"{case}: layout not kept"
+    assert_close(y, y_ref, tol, f"{case}: output")
+    if training:
+        stat_tol = 1e-10 if dtype == torch.float64 else 1e-5
+        for key in ("running_mean", "running_var"):
+            assert_close(bn[key], bn64[key], stat_tol, f"{case}: {key}")
+    if not grads or y.numel() == 0:
+        return
+    gy = torch.randn(
+        y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
+    )
+    y.backward(gy.to(dtype=dtype, device=device))
+    y_ref.backward(gy.to(device))
+    floor = ABS_FLOOR[dtype]
+    assert_close(x.grad, x64.grad, gtol, f"{case}: grad x", floor)
+    assert_close(weight.grad, w64.grad, gtol, f"{case}: grad weight", floor)
+    if affine:
+        assert_close(
+            bn["bn_weight"].grad, bn64["bn_weight"].grad, gtol, f"{case}: grad bn_weight", floor
+        )
+        assert_close(bn["bn_bias"].grad, bn64["bn_bias"].grad, gtol, f"{case}: grad bn_bias", floor)

@@ -1,0 +1,129 @@
+"""Fused depthwise 3x3 conv + BN + activation: every kernel backend against the float64
+reference (outputs, running stats, every gradient), gradcheck, opcheck, poisoned outputs,
+determinism and the edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_harness import (
+    LAYOUTS,
+    backend_dtype_params,
+    backend_params,
+    make_inputs,
+    run_and_compare,
+    to_layout,
+)
+
+import dwsep
+
+# Odd spatial sizes (1, 2, 7, 13, 17), non-square, C not a multiple of 8, N of 1 and 2.
+SHAPES = [(2, 3, 7, 7), (1, 13, 17, 13), (2, 8, 2, 7), (1, 40, 13, 1), (2, 1, 1, 2)]
+ACTS = ["relu6", "relu", None]
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_matches_reference(backend, device, dtype, training, layout, stride):
+    for i, shape in enumerate(SHAPES):
+        run_and_compare(
+            "depthwise",
+            backend,
+            device,
+            dtype,
+            shape,
+            stride=stride,
+            layout=layout,
+            training=training,
+            activation=ACTS[i % 3],
+            seed=i,
+        )
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_no_affine_and_bn_in_x_dtype(backend, device, training):
+    dtype = torch.float32
+    run_and_compare(
+        "depthwise", backend, device, dtype, (2, 5, 6, 5), stride=2, training=training, affine=False
+    )
+    # BN tensors in x's own dtype (fp16 x with fp16 BN tensors), as F.batch_norm allows
+    x, weight, bn = make_inputs(
+        "depthwise", (2, 5, 6, 5), torch.float16, device, bn_dtype=torch.float16
+    )
+    with dwsep.use_backend(backend):
+        y = dwsep.depthwise_conv_bn_act(x, weight, **bn, training=training)
+    bn32 = {
+        k: v.float()
+        for k, v in make_inputs(
+            "depthwise", (2, 5, 6, 5), torch.float16, device, bn_dtype=torch.float16
+        )[2].items()
+    }
+    ref = dwsep.reference.depthwise_conv_bn_act(
+        x.double(), weight.double(), **{k: v.double() for k, v in bn32.items()}, training=training
+    )
+    dwsep.testing.assert_close(y, ref, 2e-3, "fp16 BN tensors")
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_non_contiguous_inputs(backend, device):
+    # sliced along W and permuted views: the op must give the reference result
+    run_and_compare(
+        "depthwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 6, 9, 14),
+        stride=2,
+        training=True,
+        x_transform=lambda t: t[:, :, :, ::2],
+    )
+    run_and_compare(
+        "depthwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 6, 7, 8),
+        stride=1,
+        training=False,
+        x_transform=lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+    )
+    run_and_compare(
+        "depthwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 6, 7, 8),
+        stride=1,
+        layout="channels_last",
+        training=False,
+        x_transform=lambda t: t[:, 1:5],
+    )
+
+
+def _dw_op_args(device, layout, stride, dtype=torch.float32):
+    x, weight, bn = make_inputs("depthwise", (2, 5, 7, 6), dtype, device)
+    x = to_layout(x, layout)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    C = x.shape[1]
+    vec = lambda s: torch.linspace(0.5, 1.5 + s, C, dtype=acc, device=device)  # noqa: E731
+    ho, wo = (7 - 1) // stride + 1, (6 - 1) // stride + 1
+    y = to_layout(torch.randn(2, C, ho, wo, device=device).to(dtype), layout)
+    gy = to_layout(torch.randn(2, C, ho, wo, device=device).to(dtype), layout)
+    return {
+        "dw_fwd": (x, weight, vec(0), vec(1) - 1, stride, 2),
+        "dw_stats": (x, weight, stride),
+        "dw_bwd_reduce": (gy, y, x, weight, vec(0), vec(1), stride, 2),
+        "dw_bwd": (gy, y, x, weight, vec(0), vec(1), vec(2), stride, 2, True),
+    }
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["dw_fwd", "dw_stats", "dw_bwd_reduce", "dw_bwd"])
+def test_opcheck(backend, device, layout, op):
+    table = dwsep.ops.op_table(backend)
+    args = _dw_op_args(device, layout, stride=2)[op]
+    torch.library.opcheck(getattr(table, op), args)

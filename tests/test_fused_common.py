@@ -1,0 +1,147 @@
+"""Behaviour shared by both fused ops, on every backend: empty batches, every output element
+written (poisoned outputs), bitwise determinism, float64 gradcheck, torch.compile."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from op_harness import LAYOUTS, backend_params, make_inputs, to_layout
+
+import dwsep
+from dwsep._debug import poison_outputs
+
+OPS = {
+    # op: (x shape, extra make_inputs kwargs, a stride-2 variant of the op kwargs)
+    "depthwise": ((2, 11, 9, 7), {}, {"stride": 2}),
+    "pointwise": ((2, 11, 9, 7), {"cout": 13}, {}),
+}
+
+
+def call(op, backend, x, weight, bn, **kwargs):
+    fn = dwsep.depthwise_conv_bn_act if op == "depthwise" else dwsep.pointwise_conv_bn_act
+    with dwsep.use_backend(backend):
+        return fn(x, weight, **bn, **kwargs)
+
+
+def leaves(x, weight, bn):
+    return [x, weight, bn["bn_weight"], bn["bn_bias"]]
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params(include_torch=True))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_empty_batch(op, backend, device, training):
+    shape, extra, kw = OPS[op]
+    x, weight, bn = make_inputs(op, (0, *shape[1:]), torch.float32, device, **extra)
+    before = {k: v.clone() for k, v in bn.items()}
+    y = call(op, backend, x, weight, bn, training=training, **kw)
+    expected = (0, 11, 5, 4) if op == "depthwise" else (0, 13, 9, 7)
+    assert tuple(y.shape) == expected
+    for k in ("running_mean", "running_var"):
+        torch.testing.assert_close(bn[k], before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_output_element_written(op, backend, device, layout):
+    shape, extra, kw = OPS[op]
+    for training, variant in itertools.product([False, True], [{}, kw]):
+        x, weight, bn = make_inputs(op, shape, torch.float32, device, **extra)
+        x = to_layout(x, layout)
+        for t in leaves(x, weight, bn):
+            t.requires_grad_()
+        with poison_outputs():
+            y = call(op, backend, x, weight, bn, training=training, activation=None, **variant)
+            y.backward(torch.ones_like(y))
+        named = {
+            "y": y,
+            "grad x": x.grad,
+            "grad weight": weight.grad,
+            "grad bn_weight": bn["bn_weight"].grad,
+            "grad bn_bias": bn["bn_bias"].grad,
+            "running_mean": bn["running_mean"],
+            "running_var": bn["running_var"],
+        }
+        for name, t in named.items():
+            assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_deterministic(op, backend, device, layout):
+    shape, extra, kw = OPS[op]
+
+    def run():
+        x, weight, bn = make_inputs(op, (3, 10, 15, 11), torch.float32, device, seed=7, **extra)
+        x = to_layout(x, layout)
+        for t in leaves(x, weight, bn):
+            t.requires_grad_()
+        y = call(op, backend, x, weight, bn, training=True)
+        y.backward(torch.cos(torch.arange(y.numel(), device=device).view_as(y).float()))
+        return [
+            y,
+            x.grad,
+            weight.grad,
+            bn["bn_weight"].grad,
+            bn["bn_bias"].grad,
+            bn["running_mean"],
+            bn["running_var"],
+        ]
+
+    for ta, tb in zip(run(), run()):
+        assert torch.equal(ta, tb), "two identical runs differ bitwise"
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("variant", ["plain", "strided"])
+def test_gradcheck_float64(op, backend, device, training, variant):
+    _, extra, kw = OPS[op]
+    kw = kw if variant == "strided" else {}
+    x, weight, bn = make_inputs(
+        op,
+        (2, 3, 5, 4),
+        torch.float64,
+        device,
+        seed=3,
+        **({"cout": 4} if op == "pointwise" else {}),
+    )
+    inputs = [t.requires_grad_() for t in leaves(x, weight, bn)]
+    rm, rv = (None, None) if training else (bn["running_mean"], bn["running_var"])
+
+    def fn(x, w, g, b):
+        stats = {"running_mean": rm, "running_var": rv, "bn_weight": g, "bn_bias": b}
+        return call(op, backend, x, w, stats, training=training, activation="relu6", **kw)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params(include_torch=True))
+def test_torch_compile_fullgraph(op, backend, device):
+    torch._dynamo.reset()
+    shape, extra, kw = OPS[op]
+    x, weight, bn = make_inputs(op, (2, 6, 7, 5), torch.float32, device, **extra)
+    x.requires_grad_()
+
+    def f(x, w, rm, rv, g, b):
+        stats = {"running_mean": rm, "running_var": rv, "bn_weight": g, "bn_bias": b}
+        return call(op, backend, x, w, stats, training=True, **kw)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    bn_c = {k: v.clone() for k, v in bn.items()}
+    y = compiled(x, weight, *bn_c.values())
+    y.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    y_eager = f(x, weight, *bn.values())
+    y_eager.sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(bn_c["running_mean"], bn["running_mean"])
+    torch.testing.assert_close(bn_c["running_var"], bn["running_var"])

@@ -1,0 +1,155 @@
+"""Fused pointwise 1x1 conv + BN + activation: every kernel backend against the float64
+reference (outputs, running stats, every gradient) over ragged channel counts, opcheck, TF32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_harness import LAYOUTS, backend_dtype_params, backend_params, run_and_compare, to_layout
+
+import dwsep
+
+# (N, Cin, H, W, Cout): Cin or Cout of 1, odd sizes, channels not a multiple of 8.
+SHAPES = [(2, 3, 7, 7, 8), (1, 13, 5, 3, 40), (2, 8, 1, 1, 1), (2, 1, 2, 7, 13), (1, 40, 3, 5, 3)]
+ACTS = ["relu6", "relu", None]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 is tested exact; TF32 has its own test."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_reference(backend, device, dtype, training, layout):
+    for i, (n, cin, h, w, cout) in enumerate(SHAPES):
+        run_and_compare(
+            "pointwise",
+            backend,
+            device,
+            dtype,
+            (n, cin, h, w),
+            cout=cout,
+            layout=layout,
+            training=training,
+            activation=ACTS[i % 3],
+            seed=i,
+        )
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_inference_without_grad_and_no_affine(backend, device, training):
+    # no input requires grad: the single fused GEMM + epilogue kernel (pw_fwd) runs in eval
+    run_and_compare(
+        "pointwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 24, 5, 6),
+        cout=17,
+        training=training,
+        grads=False,
+    )
+    run_and_compare(
+        "pointwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 24, 5, 6),
+        cout=17,
+        layout="channels_last",
+        training=training,
+        grads=False,
+        affine=False,
+    )
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_larger_than_one_tile(backend, device):
+    # M, K and N past common tile sizes (128) with ragged remainders
+    if backend == "triton" and device == "cpu":
+        shape, cout = (1, 70, 9, 15), 33
+    else:
+        shape, cout = (2, 136, 13, 11), 130
+    for layout in LAYOUTS:
+        run_and_compare(
+            "pointwise",
+            backend,
+            device,
+            torch.float32,
+            shape,
+            cout=cout,
+            layout=layout,
+            training=True,
+        )
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_non_contiguous_inputs(backend, device):
+    run_and_compare(
+        "pointwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 6, 9, 14),
+        cout=5,
+        training=True,
+        x_transform=lambda t: t[:, :, :, ::2],
+    )
+    run_and_compare(
+        "pointwise",
+        backend,
+        device,
+        torch.float32,
+        (2, 6, 7, 8),
+        cout=5,
+        layout="channels_last",
+        x_transform=lambda t: t[:, 1:5],
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "cuda" in p.id])
+def test_tf32_when_allowed(backend, device):
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x = torch.randn(4, 64, 14, 14, device=device).to(memory_format=torch.channels_last)
+    w = torch.randn(96, 64, 1, 1, device=device) / 8
+    rm, rv = torch.zeros(96, device=device), torch.ones(96, device=device)
+    with dwsep.use_backend(backend):
+        y = dwsep.pointwise_conv_bn_act(x, w, rm, rv, activation=None)
+    ref = dwsep.reference.pointwise_conv_bn_act(
+        x.double(), w.double(), rm.double(), rv.double(), activation=None
+    )
+    dwsep.testing.assert_close(y, ref, dwsep.testing.TF32_TOLERANCE, "tf32")
+
+
+def _pw_op_args(device, layout, dtype=torch.float32):
+    x = to_layout(torch.randn(2, 5, 4, 3, device=device).to(dtype), layout)
+    weight = torch.randn(7, 5, device=device).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    vec = lambda s: torch.linspace(0.5, 1.5 + s, 7, dtype=acc, device=device)  # noqa: E731
+    z = to_layout(torch.randn(2, 7, 4, 3, device=device).to(dtype), layout)
+    gy = to_layout(torch.randn(2, 7, 4, 3, device=device).to(dtype), layout)
+    return {
+        "pw_fwd": (x, weight, vec(0), vec(1) - 1, 2),
+        "pw_fwd_stats": (x, weight),
+        "bn_act": (z, vec(0), vec(1), 2),
+        "pw_bwd_reduce": (gy, z, vec(0), vec(1), vec(2), vec(3), 2),
+        "pw_bwd": (gy, z, x, weight, vec(0), vec(1), vec(2), vec(3), vec(4), 2),
+    }
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["pw_fwd", "pw_fwd_stats", "bn_act", "pw_bwd_reduce", "pw_bwd"])
+def test_opcheck(backend, device, layout, op):
+    table = dwsep.ops.op_table(backend)
+    torch.library.opcheck(getattr(table, op), _pw_op_args(device, layout)[op])
