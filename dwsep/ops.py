@@ -134,6 +134,27 @@ def _register_triton_ops() -> None:
         _triton_registered = True
 
 
+def _register_triton_ops_at_import() -> None:
+    """Register the Triton ops up front where they can run, so that torch.compile never has to
+    trace the (lazy) registration itself."""
+    from . import backends
+
+    if backends.triton_version() is None:
+        return
+    if not (torch.cuda.is_available() or backends.triton_interpret()):
+        return
+    try:
+        _register_triton_ops()
+    except Exception as exc:  # a broken triton install must not break `import dwsep`
+        import warnings
+
+        warnings.warn(
+            f"dwsep: the Triton kernels could not be registered ({type(exc).__name__}: {exc})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 def op_table(backend: str):
     """The op namespace that implements ``backend``: ``torch.ops.dwsep`` for the compiled
     cpu/cuda kernels (the dispatcher picks the device), ``torch.ops.dwsep_triton`` for Triton."""
@@ -302,3 +323,6 @@ class PointwiseConvBNActFn(torch.autograd.Function):
         if need[3]:
             g_beta = sum_gz.to(ctx.beta_dtype)
         return gx, gw, g_gamma, g_beta, None, None, None, None, None, None, None
+
+
+_register_triton_ops_at_import()
