@@ -127,3 +127,27 @@ def test_opcheck(backend, device, layout, op):
     table = dwsep.ops.op_table(backend)
     args = _dw_op_args(device, layout, stride=2)[op]
     torch.library.opcheck(getattr(table, op), args)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "cuda" in p.id])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_past_2_pow_31_elements(backend, device, layout):
+    """64-bit indexing: an input of more than 2^31 elements gives the right answer at its far
+    end (checked against the reference on the last rows only)."""
+    C, H, W = 8, 16386, 16386  # 8 * 16386^2 = 2.148e9 > 2^31
+    try:
+        x = torch.randn(1, C, H, W, device=device, dtype=torch.float16)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    x = to_layout(x, layout)
+    w = torch.randn(C, 1, 3, 3, device=device, dtype=torch.float16)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    with dwsep.use_backend(backend):
+        y = dwsep.depthwise_conv_bn_act(x, w, rm, rv, activation=None)
+    tail = x[:, :, -5:].double()
+    ref = dwsep.reference.depthwise_conv_bn_act(
+        tail, w.double(), rm.double(), rv.double(), activation=None
+    )
+    dwsep.testing.assert_close(y[:, :, -4:], ref[:, :, -4:], 2e-3, "tail rows")
