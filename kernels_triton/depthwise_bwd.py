@@ -1,0 +1,446 @@
+"""Depthwise 3x3 conv + BN + act backward.
+
+dw_bwd_reduce: per-channel sums of g_z and g_z * xhat, with z = conv(x) recomputed (never
+stored), as per-program partials reduced in a fixed order.
+
+dw_bwd, in three launches:
+  1. g_conv = k * g_z (+ b * z + c when use_z) for a chunk of output pixels, stored as an
+     fp32 (fp64) temporary, and the chunk's partial weight gradient: for each of the 9 taps,
+     sum over pixels of g_conv * x[shifted] (per channel).
+  2. grad_x as the transposed conv of g_conv: every input pixel gathers from the (up to 9,
+     for stride 2 up to 4) output pixels whose window covered it.
+  3. grad_weight = fixed-order sum of the per-program partials (no float atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_tl_dtype, act_pass, layout_strides, needs_i64, sum_partials
+from .depthwise_fwd import STATS_CHUNK, TILE_CONFIGS, conv_tile, prune_tile_configs
+
+
+@triton.jit
+def _grad_z(
+    gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT: tl.constexpr, ACC: tl.constexpr
+):
+    """g_z = grad_y * act'(y) on a [pixels, channels] tile (0 outside the mask)."""
+    gy = tl.load(gy_img + p[:, None] * gy_sp + c[None, :] * gy_sc, mask=m2d, other=0.0).to(ACC)
+    if ACT != 0:
+        yv = tl.load(y_img + p[:, None] * y_sp + c[None, :] * y_sc, mask=m2d, other=0.0)
+        gz = tl.where(m2d & act_pass(yv.to(ACC), ACT), gy, 0.0)
+    else:
+        gz = gy
+    return gz
+
+
+@triton.autotune(
+    configs=TILE_CONFIGS,
+    key=["C", "H", "W", "x_sc", "CHUNK"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+)
+@triton.jit
+def _dw_bwd_reduce_kernel(
+    gy_ptr,
+    y_ptr,
+    x_ptr,
+    w_ptr,
+    mean_ptr,
+    invstd_ptr,
+    ws_gz,
+    ws_gzx,
+    C,
+    H,
+    W,
+    Wo,
+    HWo,
+    CHUNK,
+    n_chunks,
+    gy_sn,
+    gy_sc,
+    gy_sp,
+    y_sn,
+    y_sc,
+    y_sp,
+    x_sn,
+    x_sc,
+    x_sp,
+    S: tl.constexpr,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    I64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    q = tl.program_id(0).to(tl.int64)
+    n = q // n_chunks
+    p_begin = (q % n_chunks) * CHUNK
+    if not I64:
+        p_begin = p_begin.to(tl.int32)
+    p_end = tl.minimum(p_begin + CHUNK, HWo)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if I64:
+        c = c.to(tl.int64)
+    cmask = c < C
+    mu = tl.load(mean_ptr + c, mask=cmask, other=0.0).to(ACC)
+    istd = tl.load(invstd_ptr + c, mask=cmask, other=0.0).to(ACC)
+    gy_img = gy_ptr + n * gy_sn
+    y_img = y_ptr + n * y_sn
+    x_img = x_ptr + n * x_sn
+    acc_gz = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    acc_gzx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < p_end
+        m2d = pmask[:, None] & cmask[None, :]
+        gz = _grad_z(gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT, ACC)
+        z = conv_tile(
+            x_img,
+            w_ptr,
+            p // Wo,
+            p % Wo,
+            pmask,
+            c,
+            cmask,
+            H,
+            W,
+            x_sc,
+            x_sp,
+            S,
+            ACC,
+            BLOCK_P,
+            BLOCK_C,
+        )
+        acc_gz += gz
+        acc_gzx += gz * ((z - mu[None, :]) * istd[None, :])
+    tl.store(ws_gz + q * C + c, tl.sum(acc_gz, axis=0), mask=cmask)
+    tl.store(ws_gzx + q * C + c, tl.sum(acc_gzx, axis=0), mask=cmask)
+
+
+@triton.autotune(
+    configs=TILE_CONFIGS,
+    key=["C", "H", "W", "x_sc", "CHUNK"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+)
+@triton.jit
+def _dw_bwd_gconv_kernel(
+    gy_ptr,
+    y_ptr,
+    x_ptr,
+    w_ptr,
+    k_ptr,
+    b_ptr,
+    c_ptr,
+    gc_ptr,
+    ws_gw,
+    C,
+    H,
+    W,
+    Wo,
+    HWo,
+    CHUNK,
+    n_chunks,
+    gy_sn,
+    gy_sc,
+    gy_sp,
+    y_sn,
+    y_sc,
+    y_sp,
+    x_sn,
+    x_sc,
+    x_sp,
+    gc_sn,
+    gc_sc,
+    gc_sp,
+    S: tl.constexpr,
+    ACT: tl.constexpr,
+    USE_Z: tl.constexpr,
+    ACC: tl.constexpr,
+    I64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Writes g_conv for a chunk of output pixels and the chunk's 9 per-channel weight-gradient
+    partials ws_gw[q, c * 9 + tap]."""
+    q = tl.program_id(0).to(tl.int64)
+    n = q // n_chunks
+    p_begin = (q % n_chunks) * CHUNK
+    if not I64:
+        p_begin = p_begin.to(tl.int32)
+    p_end = tl.minimum(p_begin + CHUNK, HWo)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if I64:
+        c = c.to(tl.int64)
+    cmask = c < C
+    kk = tl.load(k_ptr + c, mask=cmask, other=0.0).to(ACC)
+    if USE_Z:
+        bb = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+        cc = tl.load(c_ptr + c, mask=cmask, other=0.0).to(ACC)
+    gy_img = gy_ptr + n * gy_sn
+    y_img = y_ptr + n * y_sn
+    x_img = x_ptr + n * x_sn
+    gc_img = gc_ptr + n * gc_sn
+    taps = tl.arange(0, 16)
+    gw = tl.zeros([16, BLOCK_C], dtype=ACC)
+    c_off = c * x_sc
+    for p0 in range(p_begin, p_end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < p_end
+        m2d = pmask[:, None] & cmask[None, :]
+        ho = p // Wo
+        wo = p % Wo
+        g = kk[None, :] * _grad_z(gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT, ACC)
+        if USE_Z:
+            z = conv_tile(
+                x_img, w_ptr, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
+            )
+            g += tl.where(m2d, bb[None, :] * z + cc[None, :], 0.0)
+        tl.store(gc_img + p[:, None] * gc_sp + c[None, :] * gc_sc, g, mask=m2d)
+        for i in tl.static_range(3):
+            hi = ho * S + (i - 1)
+            hok = pmask & (hi >= 0) & (hi < H)
+            for j in tl.static_range(3):
+                wi = wo * S + (j - 1)
+                ok = hok & (wi >= 0) & (wi < W)
+                off = (hi * W + wi) * x_sp
+                xv = tl.load(
+                    x_img + off[:, None] + c_off[None, :],
+                    mask=ok[:, None] & cmask[None, :],
+                    other=0.0,
+                )
+                part = tl.sum(g * xv.to(ACC), axis=0)
+                gw += tl.where(taps[:, None] == (i * 3 + j), part[None, :], 0.0)
+    gw_off = q * (C * 9) + c[None, :] * 9 + taps[:, None]
+    tl.store(ws_gw + gw_off, gw, mask=(taps[:, None] < 9) & cmask[None, :])
+
+
+@triton.autotune(
+    configs=TILE_CONFIGS,
+    key=["C", "H", "W", "x_sc"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+)
+@triton.jit
+def _dw_bwd_dx_kernel(
+    gc_ptr,
+    w_ptr,
+    gx_ptr,
+    C,
+    H,
+    W,
+    Ho,
+    Wo,
+    HW,
+    gc_sn,
+    gc_sc,
+    gc_sp,
+    x_sn,
+    x_sc,
+    x_sp,
+    S: tl.constexpr,
+    ACC: tl.constexpr,
+    I64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """grad_x[h, w] = sum over taps (i, j) with h = ho*S + i - 1, w = wo*S + j - 1 of
+    g_conv[ho, wo] * w[i, j] (the transposed depthwise conv). x_s* are grad_x's strides."""
+    pid = tl.program_id(0).to(tl.int64)
+    p_tiles = tl.cdiv(HW, BLOCK_P)
+    n = pid // p_tiles
+    p = (pid % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if I64:
+        c = c.to(tl.int64)
+    else:
+        p = p.to(tl.int32)
+    pmask = p < HW
+    cmask = c < C
+    h = p // W
+    w = p % W
+    gc_img = gc_ptr + n * gc_sn
+    c_off = c * gc_sc
+    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+    for i in tl.static_range(3):
+        hn = h + (1 - i)
+        hok = pmask & (hn >= 0)
+        hn = tl.where(hok, hn, 0)  # no division of negatives
+        if S == 2:
+            hok = hok & ((hn % 2) == 0)
+        ho = hn // S
+        hok = hok & (ho < Ho)
+        for j in tl.static_range(3):
+            wn = w + (1 - j)
+            ok = hok & (wn >= 0)
+            wn = tl.where(ok, wn, 0)
+            if S == 2:
+                ok = ok & ((wn % 2) == 0)
+            wo = wn // S
+            ok = ok & (wo < Wo)
+            gv = tl.load(
+                gc_img + ((ho * Wo + wo) * gc_sp)[:, None] + c_off[None, :],
+                mask=ok[:, None] & cmask[None, :],
+                other=0.0,
+            )
+            wv = tl.load(w_ptr + c * 9 + (i * 3 + j), mask=cmask, other=0.0).to(ACC)
+            acc += gv.to(ACC) * wv[None, :]
+    x_off = p[:, None] * x_sp + c[None, :] * x_sc
+    tl.store(
+        gx_ptr + n * x_sn + x_off,
+        acc.to(gx_ptr.dtype.element_ty),
+        mask=pmask[:, None] & cmask[None, :],
+    )
+
+
+def _chunks(n: int, ho: int, wo: int) -> int:
+    hwo = ho * wo
+    return triton.cdiv(hwo, STATS_CHUNK) if hwo > 0 else 0
+
+
+def dw_bwd_reduce(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    stride: int,
+    act: int,
+    sum_gz_out: torch.Tensor,
+    sum_gzxh_out: torch.Tensor,
+) -> None:
+    """sum_gz[c] = sum g_z, sum_gzxh[c] = sum g_z * (conv(x) - mean) * invstd over (N, Ho, Wo),
+    with g_z = grad_y * act'(y)."""
+    n, c, h, w = x.shape
+    _, _, ho, wo = y.shape
+    n_chunks = _chunks(n, ho, wo)
+    q = n * n_chunks
+    if q == 0:
+        sum_gz_out.zero_()
+        sum_gzxh_out.zero_()
+        return
+    weight = weight.contiguous()
+    acc = sum_gz_out.dtype
+    ws_gz = torch.empty((q, c), dtype=acc, device=x.device)
+    ws_gzx = torch.empty((q, c), dtype=acc, device=x.device)
+
+    def grid(meta):
+        return (q, triton.cdiv(c, meta["BLOCK_C"]))
+
+    _dw_bwd_reduce_kernel[grid](
+        grad_y,
+        y,
+        x,
+        weight,
+        mean,
+        invstd,
+        ws_gz,
+        ws_gzx,
+        c,
+        h,
+        w,
+        wo,
+        ho * wo,
+        STATS_CHUNK,
+        n_chunks,
+        *layout_strides(grad_y),
+        *layout_strides(y),
+        *layout_strides(x),
+        S=int(stride),
+        ACT=int(act),
+        ACC=acc_tl_dtype(x.dtype),
+        I64=needs_i64(x, y, grad_y),
+    )
+    sum_partials(ws_gz, sum_gz_out)
+    sum_partials(ws_gzx, sum_gzxh_out)
+
+
+def dw_bwd(
+    grad_y: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    stride: int,
+    act: int,
+    use_z: bool,
+    grad_x_out: torch.Tensor,
+    grad_w_out: torch.Tensor,
+) -> None:
+    """grad_x and grad_weight of the depthwise conv for g_conv = k*g_z (+ b*conv(x) + c)."""
+    n, ch, h, w = x.shape
+    _, _, ho, wo = y.shape
+    n_chunks = _chunks(n, ho, wo)
+    q = n * n_chunks
+    if q == 0:
+        grad_x_out.zero_()
+        grad_w_out.zero_()
+        return
+    weight = weight.contiguous()
+    acc_t = k.dtype
+    acc = acc_tl_dtype(x.dtype)
+    i64 = needs_i64(x, y, grad_y)
+    # g_conv temporary in y's layout, in the accumulation dtype.
+    if layout_strides(y)[1] == 1 and ch > 1:
+        gc = torch.empty(
+            (n, ch, ho, wo), dtype=acc_t, device=x.device, memory_format=torch.channels_last
+        )
+    else:
+        gc = torch.empty((n, ch, ho, wo), dtype=acc_t, device=x.device)
+    ws_gw = torch.empty((q, ch * 9), dtype=acc_t, device=x.device)
+    gc_s = layout_strides(gc)
+
+    def grid(meta):
+        return (q, triton.cdiv(ch, meta["BLOCK_C"]))
+
+    _dw_bwd_gconv_kernel[grid](
+        grad_y,
+        y,
+        x,
+        weight,
+        k,
+        b,
+        c,
+        gc,
+        ws_gw,
+        ch,
+        h,
+        w,
+        wo,
+        ho * wo,
+        STATS_CHUNK,
+        n_chunks,
+        *layout_strides(grad_y),
+        *layout_strides(y),
+        *layout_strides(x),
+        *gc_s,
+        S=int(stride),
+        ACT=int(act),
+        USE_Z=bool(use_z),
+        ACC=acc,
+        I64=i64,
+    )
+
+    def grid_dx(meta):
+        return (n * triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(ch, meta["BLOCK_C"]))
+
+    _dw_bwd_dx_kernel[grid_dx](
+        gc,
+        weight,
+        grad_x_out,
+        ch,
+        h,
+        w,
+        ho,
+        wo,
+        h * w,
+        *gc_s,
+        *layout_strides(grad_x_out),
+        S=int(stride),
+        ACC=acc,
+        I64=i64 or needs_i64(grad_x_out),
+    )
+    sum_partials(ws_gw, grad_w_out.view(ch * 9))
