@@ -1,0 +1,432 @@
+// Depthwise 3x3 (padding 1, stride 1 or 2) backward kernels:
+//   dw_bwd_reduce: sum_gz[c] = sum g_z, sum_gz_xhat[c] = sum g_z * (z - mean[c]) * invstd[c]
+//                  with g_z = grad_y * act'(y) and z = conv(x) recomputed (never stored)
+//   dw_bwd:        g_conv = k[c]*g_z + (use_z ? b[c]*z + c[c] : 0), formed on the fly;
+//                  grad_x = transposed depthwise conv of g_conv;
+//                  grad_w[c,i,j] = sum_{n,ho,wo} g_conv[n,c,ho,wo] * x[n,c, ho*S+i-1, wo*S+j-1]
+//
+// Conventions (as in depthwise_fwd.cu; the tile helpers are copied from there):
+//   z[n,c,ho,wo] = sum_{i,j} w[c,i,j] * x[n,c, ho*S + i - 1, wo*S + j - 1], x = 0 outside.
+// Both ops reduce over (N, Ho, Wo) in two stages without atomics: grid (channel group, chunk),
+// each block walks the items (image, tile) of its chunk in order, its threads accumulate in
+// registers, the block sums its threads in a fixed binary tree and writes one partial per
+// (chunk, channel) into the workspace; a second kernel adds the chunks in order 0, 1, ...
+// Every result is therefore bitwise reproducible.
+
+#include "cuda/cuda_common.cuh"
+#include "cuda/depthwise.h"
+
+namespace dwsep {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Tile helpers (same as in depthwise_fwd.cu).
+
+// Offset of element (n, c, h, w) of a dense (N, C, H, W) tensor in either layout.
+template <bool NHWC>
+__device__ __forceinline__ int64_t offset4(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C,
+                                           int64_t H, int64_t W) {
+  return NHWC ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+// Index of (pixel pix, channel lane cl) in a staged tile of `npix` pixels x CB channels:
+// channel-fastest for NHWC, planar for NCHW (a warp reads consecutive words either way).
+template <bool NHWC>
+__device__ __forceinline__ int sidx(int pix, int cl, int CB, int npix) {
+  return NHWC ? pix * CB + cl : cl * npix + pix;
+}
+
+// Thread -> (channel lane cl, pixel lane pl), a bijection of [0, kDwThreads) onto
+// [0, CB) x [0, PL), PL = kDwThreads / CB; consecutive threads take consecutive channels
+// (NHWC) or consecutive pixels (NCHW): the contiguous dimension in global memory.
+template <bool NHWC>
+__device__ __forceinline__ void lanes(int CB, int& cl, int& pl) {
+  const int tid = threadIdx.x;
+  const int PL = kDwThreads / CB;
+  cl = NHWC ? tid % CB : tid / PL;
+  pl = NHWC ? tid / CB : tid % PL;
+}
+
+// Stages x[n, c, r0 + r, q0 + q] for r < XH, q < XW into xs, 0 outside the image or when the
+// channel lane is past C (cok false). Called by all threads of the block.
+template <bool NHWC, typename T, typename Acc>
+__device__ __forceinline__ void load_x_tile(Acc* xs, const T* __restrict__ x, int64_t n, int64_t c,
+                                            bool cok, const DwShape& s, int64_t r0, int64_t q0,
+                                            int XH, int XW, int CB, int cl, int pl) {
+  const int PL = kDwThreads / CB;
+  const int npix = XH * XW;
+  for (int p = pl; p < npix; p += PL) {
+    const int r = p / XW;
+    const int q = p - r * XW;
+    const int64_t h = r0 + r;
+    const int64_t w = q0 + q;
+    Acc v = Acc(0);
+    if (cok && h >= 0 && h < s.H && w >= 0 && w < s.W) {
+      v = to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]);
+    }
+    xs[sidx<NHWC>(p, cl, CB, npix)] = v;
+  }
+}
+
+// z at output (r, q) of the tile (absolute output (ho0 + r, wo0 + q); r, q may be -lo, i.e.
+// in the halo) from an x tile whose row 0 is input row (ho0 - lo)*S - 1: the input row of tap
+// i is (ho0 + r)*S + i - 1, which is tile row (r + lo)*S + i; columns likewise.
+template <int S, bool NHWC, typename Acc>
+__device__ __forceinline__ Acc conv_from_tile(const Acc* xs, const Acc (&wr)[9], int r, int q,
+                                              int lo, int XH, int XW, int CB, int cl) {
+  const int npix = XH * XW;
+  Acc z = Acc(0);
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      const int pix = ((r + lo) * S + i) * XW + (q + lo) * S + j;
+      z += xs[sidx<NHWC>(pix, cl, CB, npix)] * wr[i * 3 + j];
+    }
+  }
+  return z;
+}
+
+// Whether the activation passes the gradient, read off its output (run-time act code).
+template <typename Acc>
+__device__ __forceinline__ bool act_pass_rt(int act, Acc yv) {
+  return act == 1 ? act_pass<1>(yv) : (act == 2 ? act_pass<2>(yv) : true);
+}
+
+// Sum of v over the PL pixel lanes of channel lane cl, in a fixed binary tree; every thread
+// gets its channel's sum. red holds kDwThreads values; the leading barrier makes the call
+// safe to repeat (the previous call's readers are done before red is overwritten).
+template <typename Acc>
+__device__ __forceinline__ Acc block_sum_lanes(Acc v, Acc* red, int cl, int pl, int PL) {
+  const int ri = cl * PL + pl;
+  __syncthreads();
+  red[ri] = v;
+  __syncthreads();
+  for (int off = PL / 2; off > 0; off /= 2) {
+    if (pl < off) red[ri] += red[ri + off];
+    __syncthreads();
+  }
+  return red[cl * PL];
+}
+
+inline unsigned grid_1d(int64_t work_items, int64_t per_block) {
+  const int64_t blocks = (work_items + per_block - 1) / per_block;
+  constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+// Decodes item (within a channel group) into image n and output tile origin (ho0, wo0).
+__device__ __forceinline__ void decode_item(int64_t it, const DwPlan& g, int64_t& n, int64_t& ho0,
+                                            int64_t& wo0) {
+  const int64_t tw = it % g.tiles_w;
+  it /= g.tiles_w;
+  const int64_t th = it % g.tiles_h;
+  n = it / g.tiles_h;
+  ho0 = th * g.TH;
+  wo0 = tw * g.TW;
+}
+
+// ------------------------------------------------------------------------------------------
+// dw_bwd_reduce, stage 1: ws[(chunk*C + c)*2 + {0, 1}] = partial (sum g_z, sum g_z*xhat).
+
+template <typename T, int S, bool NHWC>
+__global__ void __launch_bounds__(kDwThreads, 2)
+    dw_bwd_reduce_kernel(const T* __restrict__ grad_y, const T* __restrict__ y,
+                         const T* __restrict__ x, const T* __restrict__ w,
+                         const typename AccOf<T>::type* __restrict__ mean,
+                         const typename AccOf<T>::type* __restrict__ invstd,
+                         typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g, int act) {
+  using Acc = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char dw_smem[];
+  Acc* xs = reinterpret_cast<Acc*>(dw_smem);
+  __shared__ Acc red[kDwThreads];
+  int cl, pl;
+  lanes<NHWC>(g.CB, cl, pl);
+  const int PL = kDwThreads / g.CB;
+  const int tile_px = g.TH * g.TW;
+  const int64_t chunk = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * g.CB + cl;
+  const bool cok = c < s.C;
+  Acc wr[9];
+#pragma unroll
+  for (int k = 0; k < 9; ++k) wr[k] = cok ? to_acc<Acc>(w[c * 9 + k]) : Acc(0);
+  const Acc mu = cok ? mean[c] : Acc(0);
+  const Acc is = cok ? invstd[c] : Acc(0);
+
+  Acc s_gz = Acc(0), s_gzx = Acc(0);
+  const int64_t it0 = chunk * g.items_per_chunk;
+  const int64_t it1 = it0 + g.items_per_chunk < g.items ? it0 + g.items_per_chunk : g.items;
+  for (int64_t it = it0; it < it1; ++it) {  // uniform across the block
+    int64_t n, ho0, wo0;
+    decode_item(it, g, n, ho0, wo0);
+    __syncthreads();  // the previous item's readers of xs are done
+    load_x_tile<NHWC>(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+    __syncthreads();
+    if (cok) {
+      for (int p = pl; p < tile_px; p += PL) {
+        const int r = p / g.TW;
+        const int q = p - r * g.TW;
+        const int64_t ho = ho0 + r, wo = wo0 + q;
+        if (ho >= s.Ho || wo >= s.Wo) continue;
+        const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
+        const Acc gz = act_pass_rt(act, to_acc<Acc>(y[o])) ? to_acc<Acc>(grad_y[o]) : Acc(0);
+        const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
+        s_gz += gz;
+        s_gzx += gz * ((z - mu) * is);
+      }
+    }
+  }
+  const Acc t0 = block_sum_lanes(s_gz, red, cl, pl, PL);
+  const Acc t1 = block_sum_lanes(s_gzx, red, cl, pl, PL);
+  if (pl == 0 && cok) {
+    ws[(chunk * s.C + c) * 2 + 0] = t0;
+    ws[(chunk * s.C + c) * 2 + 1] = t1;
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kDwThreads)
+    dw_bwd_reduce_finalize_kernel(const Acc* __restrict__ ws, int64_t chunks, int64_t C,
+                                  Acc* __restrict__ sum_gz, Acc* __restrict__ sum_gzx) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Acc a = Acc(0), b = Acc(0);
+    for (int64_t j = 0; j < chunks; ++j) {
+      a += ws[(j * C + c) * 2 + 0];
+      b += ws[(j * C + c) * 2 + 1];
+    }
+    sum_gz[c] = a;
+    sum_gzx[c] = b;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// dw_bwd, stage 1. Per item (image n, output tile [ho0, ho0+TH) x [wo0, wo0+TW)) of the block's
+// channel group:
+//
+//  1. Stage x rows [(ho0 - lo)*S - 1, (ho0 + TH)*S + 1] (XH = (TH + lo)*S + 3 rows; cols
+//     likewise) in xs, with lo = 1 for S = 1 and 0 for S = 2.
+//  2. Compute g_conv for the outputs [ho0 - lo, ho0 + TH] x [wo0 - lo, wo0 + TW] (GH x GW, the
+//     tile plus the halo the transposed conv needs) into gs; outputs outside [0,Ho) x [0,Wo)
+//     get 0. z of g-tile row gr (output ho0 - lo + gr) uses tile rows gr*S + i, i <= 2, the
+//     last being (GH-1)*S + 2 = (TH+lo)*S + 2 = XH - 1: inside the x tile.
+//  3. grad_x for the input pixels [ho0*S, (ho0+TH)*S) x [wo0*S, (wo0+TW)*S) (clipped to the
+//     image). These ranges over all tiles partition [0, H) x [0, W): tiles_h*TH*S >= Ho*S >= H.
+//     Input row h = ho0*S + ir receives tap i from output ho with ho*S + i - 1 = h, i.e.
+//     u = ir + 1 - i = (ho - ho0)*S, only when S divides u. With ho - ho0 = u/S, the g-tile
+//     row is gr = u/S + lo. Bounds: u in [-1, TH*S]. S = 1: gr = u + 1 in [0, TH + 1] = [0,
+//     GH-1]. S = 2: u odd is skipped (u = -1 included), so u in [0, 2TH] and gr = u/2 in
+//     [0, TH] = [0, GH-1]. Outputs outside the image contribute the 0 stored in gs.
+//  4. grad_w partials over the tile's own outputs (no halo, so every output counts once): the
+//     thread's 9 accumulators += g * x at tile rows (r + lo)*S + i, cols (q + lo)*S + j.
+// Barriers: before 1 (readers of xs/gs of the previous item are done), between 1 and 2 (xs
+// complete), between 2 and 3/4 (gs complete).
+
+template <typename T, int S, bool NHWC>
+__global__ void __launch_bounds__(kDwThreads, 2)
+    dw_bwd_kernel(const T* __restrict__ grad_y, const T* __restrict__ y, const T* __restrict__ x,
+                  const T* __restrict__ w, const typename AccOf<T>::type* __restrict__ kv,
+                  const typename AccOf<T>::type* __restrict__ bv,
+                  const typename AccOf<T>::type* __restrict__ cv, T* __restrict__ grad_x,
+                  typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g, int act,
+                  bool use_z) {
+  using Acc = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char dw_smem[];
+  const int xpix = g.XH * g.XW;
+  const int gpix = g.GH * g.GW;
+  Acc* xs = reinterpret_cast<Acc*>(dw_smem);
+  Acc* gs = xs + static_cast<int64_t>(xpix) * g.CB;
+  __shared__ Acc red[kDwThreads];
+  int cl, pl;
+  lanes<NHWC>(g.CB, cl, pl);
+  const int PL = kDwThreads / g.CB;
+  const int lo = g.lo;  // == (S == 1); hi == 1
+  const int tile_px = g.TH * g.TW;
+  const int in_w = g.TW * S;  // input tile width (before clipping to W)
+  const int in_px = g.TH * S * in_w;
+  const int64_t chunk = blockIdx.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * g.CB + cl;
+  const bool cok = c < s.C;
+  Acc wr[9];
+#pragma unroll
+  for (int k = 0; k < 9; ++k) wr[k] = cok ? to_acc<Acc>(w[c * 9 + k]) : Acc(0);
+  const Acc kc = cok ? kv[c] : Acc(0);
+  const Acc bc = (cok && use_z) ? bv[c] : Acc(0);
+  const Acc cc = (cok && use_z) ? cv[c] : Acc(0);
+
+  Acc gw[9];
+#pragma unroll
+  for (int k = 0; k < 9; ++k) gw[k] = Acc(0);
+
+  const int64_t it0 = chunk * g.items_per_chunk;
+  const int64_t it1 = it0 + g.items_per_chunk < g.items ? it0 + g.items_per_chunk : g.items;
+  for (int64_t it = it0; it < it1; ++it) {  // uniform across the block
+    int64_t n, ho0, wo0;
+    decode_item(it, g, n, ho0, wo0);
+    const int64_t gho0 = ho0 - lo, gwo0 = wo0 - lo;  // output at g-tile (0, 0)
+
+    // 1. x tile.
+    __syncthreads();
+    load_x_tile<NHWC>(xs, x, n, c, cok, s, gho0 * S - 1, gwo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+    __syncthreads();
+
+    // 2. g_conv tile (with halo).
+    for (int p = pl; p < gpix; p += PL) {
+      const int gr = p / g.GW;
+      const int gq = p - gr * g.GW;
+      const int64_t ho = gho0 + gr, wo = gwo0 + gq;
+      Acc gv = Acc(0);
+      if (cok && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo) {
+        const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
+        const Acc gz = act_pass_rt(act, to_acc<Acc>(y[o])) ? to_acc<Acc>(grad_y[o]) : Acc(0);
+        gv = kc * gz;
+        if (use_z) {
+          // Output (ho0 + r) with r = gr - lo: conv_from_tile's tile row (r + lo)*S + i.
+          const Acc z = conv_from_tile<S, NHWC>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, g.CB, cl);
+          gv += bc * z + cc;
+        }
+      }
+      gs[sidx<NHWC>(p, cl, g.CB, gpix)] = gv;
+    }
+    __syncthreads();
+
+    if (cok) {
+      // 3. grad_x: gather from the g tile through the transposed taps.
+      for (int p = pl; p < in_px; p += PL) {
+        const int ir = p / in_w;
+        const int iq = p - ir * in_w;
+        const int64_t h = ho0 * S + ir, wi = wo0 * S + iq;
+        if (h >= s.H || wi >= s.W) continue;
+        Acc acc = Acc(0);
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          const int u = ir + 1 - i;
+          if (S == 2 && (u & 1)) continue;  // no output row maps tap i onto this row
+          const int gr = (S == 1 ? u : u / 2) + lo;
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const int v = iq + 1 - j;
+            if (S == 2 && (v & 1)) continue;
+            const int gq = (S == 1 ? v : v / 2) + lo;
+            acc += gs[sidx<NHWC>(gr * g.GW + gq, cl, g.CB, gpix)] * wr[i * 3 + j];
+          }
+        }
+        grad_x[offset4<NHWC>(n, c, h, wi, s.C, s.H, s.W)] = from_acc<T>(acc);
+      }
+
+      // 4. grad_w partials over the tile's own outputs.
+      for (int p = pl; p < tile_px; p += PL) {
+        const int r = p / g.TW;
+        const int q = p - r * g.TW;
+        if (ho0 + r >= s.Ho || wo0 + q >= s.Wo) continue;
+        const Acc gv = gs[sidx<NHWC>((r + lo) * g.GW + (q + lo), cl, g.CB, gpix)];
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+#pragma unroll
+          for (int j = 0; j < 3; ++j) {
+            const int pix = ((r + lo) * S + i) * g.XW + (q + lo) * S + j;
+            gw[i * 3 + j] += gv * xs[sidx<NHWC>(pix, cl, g.CB, xpix)];
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int k = 0; k < 9; ++k) {
+    const Acc t = block_sum_lanes(gw[k], red, cl, pl, PL);
+    if (pl == 0 && cok) ws[(chunk * s.C + c) * 9 + k] = t;
+  }
+}
+
+// grad_w[c*9 + k] = sum over chunks j = 0, 1, ... of ws[(j*C + c)*9 + k], in weight's dtype.
+template <typename T>
+__global__ void __launch_bounds__(kDwThreads)
+    dw_bwd_finalize_kernel(const typename AccOf<T>::type* __restrict__ ws, int64_t chunks,
+                           int64_t C, T* __restrict__ grad_w) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t CK = C * 9;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < CK;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Acc a = Acc(0);
+    for (int64_t j = 0; j < chunks; ++j) a += ws[j * CK + e];
+    grad_w[e] = from_acc<T>(a);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Launchers.
+
+template <typename T, int S, bool NHWC>
+cudaError_t launch_bwd_reduce(const DwBwdReduceParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwPlan g = dw_plan(DwKernel::kBwdReduce, p.s, dtype);
+  if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
+  Acc* ws = static_cast<Acc*>(p.workspace);
+  const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
+  dw_bwd_reduce_kernel<T, S, NHWC><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+      static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
+      static_cast<const T*>(p.weight), static_cast<const Acc*>(p.mean),
+      static_cast<const Acc*>(p.invstd), ws, p.s, g, p.act);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  dw_bwd_reduce_finalize_kernel<Acc><<<grid_1d(p.s.C, kDwThreads), kDwThreads, 0, stream>>>(
+      ws, g.chunks, p.s.C, static_cast<Acc*>(p.sum_gz), static_cast<Acc*>(p.sum_gz_xhat));
+  return cudaGetLastError();
+}
+
+template <typename T, int S, bool NHWC>
+cudaError_t launch_bwd(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwPlan g = dw_plan(DwKernel::kBwd, p.s, dtype);
+  if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
+  Acc* ws = static_cast<Acc*>(p.workspace);
+  const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
+  dw_bwd_kernel<T, S, NHWC><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+      static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
+      static_cast<const T*>(p.weight), static_cast<const Acc*>(p.k), static_cast<const Acc*>(p.b),
+      static_cast<const Acc*>(p.c), static_cast<T*>(p.grad_x), ws, p.s, g, p.act, p.use_z);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  dw_bwd_finalize_kernel<T><<<grid_1d(p.s.C * 9, kDwThreads), kDwThreads, 0, stream>>>(
+      ws, g.chunks, p.s.C, static_cast<T*>(p.grad_weight));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t dw_bwd_reduce(const DwBwdReduceParams& p, DType dtype, cudaStream_t stream) {
+  const DwShape& s = p.s;
+  if (s.N * s.C * s.Ho * s.Wo == 0) return cudaSuccess;  // the glue writes zeros
+  if (s.stride != 1 && s.stride != 2) return cudaErrorInvalidValue;
+  if (p.act < 0 || p.act > 2) return cudaErrorInvalidValue;
+  DWSEP_DISPATCH_DTYPE(dtype, T, {
+    if (s.nhwc) {
+      return s.stride == 1 ? launch_bwd_reduce<T, 1, true>(p, dtype, stream)
+                           : launch_bwd_reduce<T, 2, true>(p, dtype, stream);
+    }
+    return s.stride == 1 ? launch_bwd_reduce<T, 1, false>(p, dtype, stream)
+                         : launch_bwd_reduce<T, 2, false>(p, dtype, stream);
+  });
+  return cudaSuccess;
+}
+
+cudaError_t dw_bwd(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
+  const DwShape& s = p.s;
+  if (s.N * s.C * s.Ho * s.Wo == 0) return cudaSuccess;  // the glue zeroes grad_weight
+  if (s.stride != 1 && s.stride != 2) return cudaErrorInvalidValue;
+  if (p.act < 0 || p.act > 2) return cudaErrorInvalidValue;
+  DWSEP_DISPATCH_DTYPE(dtype, T, {
+    if (s.nhwc) {
+      return s.stride == 1 ? launch_bwd<T, 1, true>(p, dtype, stream)
+                           : launch_bwd<T, 2, true>(p, dtype, stream);
+    }
+    return s.stride == 1 ? launch_bwd<T, 1, false>(p, dtype, stream)
+                         : launch_bwd<T, 2, false>(p, dtype, stream);
+  });
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace dwsep

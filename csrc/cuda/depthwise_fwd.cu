@@ -1,0 +1,488 @@
+// Depthwise 3x3 (padding 1, stride 1 or 2) forward kernels:
+//   dw_fwd:   y = act(conv(x) * scale[c] + shift[c])   (inference: BN folded into scale/shift)
+//   dw_stats: per-channel mean and biased variance of z = conv(x) over (N, Ho, Wo)
+//
+// Conventions used throughout (see csrc/cuda/depthwise.h for the params and the tiling plan):
+//   z[n,c,ho,wo] = sum_{i,j in 0..2} w[c,i,j] * x[n,c, ho*S + i - 1, wo*S + j - 1],
+// with x = 0 outside [0,H) x [0,W). Offsets into tensors are int64; indices inside a
+// shared-memory tile are int (a tile has < 48 KiB).
+
+#include "cuda/cuda_common.cuh"
+#include "cuda/depthwise.h"
+
+namespace dwsep {
+namespace cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------
+// Shared helpers (the backward file has its own copies of the tile helpers).
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Vec {
+  T v[VEC];
+};
+
+// Offset of element (n, c, h, w) of a dense (N, C, H, W) tensor in either layout.
+template <bool NHWC>
+__device__ __forceinline__ int64_t offset4(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C,
+                                           int64_t H, int64_t W) {
+  return NHWC ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+}
+
+// Index of (pixel pix, channel lane cl) in a staged tile of `npix` pixels x CB channels:
+// channel-fastest for NHWC (threads of a warp take consecutive channels), planar for NCHW
+// (threads of a warp take consecutive pixels). Either way a warp reads consecutive words.
+template <bool NHWC>
+__device__ __forceinline__ int sidx(int pix, int cl, int CB, int npix) {
+  return NHWC ? pix * CB + cl : cl * npix + pix;
+}
+
+// Thread -> (channel lane cl, pixel lane pl), a bijection of [0, kDwThreads) onto
+// [0, CB) x [0, PL) with PL = kDwThreads / CB. Consecutive threads take consecutive channels
+// (NHWC) or consecutive pixels (NCHW), which are the contiguous dimension in global memory.
+template <bool NHWC>
+__device__ __forceinline__ void lanes(int CB, int& cl, int& pl) {
+  const int tid = threadIdx.x;
+  const int PL = kDwThreads / CB;
+  cl = NHWC ? tid % CB : tid / PL;
+  pl = NHWC ? tid / CB : tid % PL;
+}
+
+// Stages x[n, c, r0 + r, q0 + q] for r < XH, q < XW into xs (acc dtype), 0 outside the image
+// or when the channel lane is past C (cok false). Called by all threads of the block.
+template <bool NHWC, typename T, typename Acc>
+__device__ __forceinline__ void load_x_tile(Acc* xs, const T* __restrict__ x, int64_t n, int64_t c,
+                                            bool cok, const DwShape& s, int64_t r0, int64_t q0,
+                                            int XH, int XW, int CB, int cl, int pl) {
+  const int PL = kDwThreads / CB;
+  const int npix = XH * XW;
+  for (int p = pl; p < npix; p += PL) {
+    const int r = p / XW;
+    const int q = p - r * XW;
+    const int64_t h = r0 + r;
+    const int64_t w = q0 + q;
+    Acc v = Acc(0);
+    if (cok && h >= 0 && h < s.H && w >= 0 && w < s.W) {
+      v = to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]);
+    }
+    xs[sidx<NHWC>(p, cl, CB, npix)] = v;
+  }
+}
+
+// z at output (r, q) of the tile from a staged x tile whose row 0 is input row (ho0 - lo)*S - 1:
+// the input row of tap i is (ho0 + r)*S + i - 1, i.e. tile row (r + lo)*S + i (same for cols).
+template <int S, bool NHWC, typename Acc>
+__device__ __forceinline__ Acc conv_from_tile(const Acc* xs, const Acc (&wr)[9], int r, int q,
+                                              int lo, int XH, int XW, int CB, int cl) {
+  const int npix = XH * XW;
+  Acc z = Acc(0);
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+#pragma unroll
+    for (int j = 0; j < 3; ++j) {
+      const int pix = ((r + lo) * S + i) * XW + (q + lo) * S + j;
+      z += xs[sidx<NHWC>(pix, cl, CB, npix)] * wr[i * 3 + j];
+    }
+  }
+  return z;
+}
+
+inline bool aligned16(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
+}
+
+inline unsigned grid_1d(int64_t work_items, int64_t per_block) {
+  const int64_t blocks = (work_items + per_block - 1) / per_block;
+  constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
+  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+// ------------------------------------------------------------------------------------------
+// dw_fwd, channels_last: registers only.
+//
+// A work item is (n, ho, strip of TWS output columns, channel vector of VEC channels).
+// Consecutive threads take consecutive channel vectors of the same pixels, so each warp
+// load/store is a contiguous run of 16-byte vectors. The thread keeps its 9 weights and the
+// folded scale/shift per channel in registers and slides a 3x3 window of input vectors along
+// W: win[i][a] holds input row ho*S + i - 1, column wo*S + a - 1 for the current output wo.
+// Stepping wo -> wo+1 shifts the window by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and
+// loads one new column; S = 2 reuses column 2 as 0 and loads two new columns.
+// VEC = 16 / sizeof(T) needs C % VEC == 0 and 16-byte aligned x and y (every vector then
+// starts at a multiple of VEC elements); VEC = 1 is the scalar fallback for any C.
+
+template <int S>
+constexpr int strip_width() {
+  return S == 1 ? 8 : 4;
+}
+
+template <typename T, int S, int ACT, int VEC>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_fwd_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                       const typename AccOf<T>::type* __restrict__ scale,
+                       const typename AccOf<T>::type* __restrict__ shift, T* __restrict__ y,
+                       DwShape s) {
+  using Acc = typename AccOf<T>::type;
+  using V = Vec<T, VEC>;
+  constexpr int TWS = strip_width<S>();
+  const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
+  const int64_t strips = (s.Wo + TWS - 1) / TWS;
+  const int64_t items = s.N * s.Ho * strips * CG;
+  V zero;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) zero.v[v] = from_acc<T>(Acc(0));
+
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t t = item;
+    const int64_t cg = t % CG;
+    t /= CG;
+    const int64_t strip = t % strips;
+    t /= strips;
+    const int64_t ho = t % s.Ho;
+    const int64_t n = t / s.Ho;
+    const int64_t c0 = cg * VEC;
+
+    Acc wr[9][VEC], sc[VEC], sh[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+#pragma unroll
+      for (int k = 0; k < 9; ++k) wr[k][v] = to_acc<Acc>(w[(c0 + v) * 9 + k]);
+      sc[v] = scale[c0 + v];
+      sh[v] = shift[c0 + v];
+    }
+
+    // Row pointers (at column 0, channel c0) of the three input rows; rows outside [0, H)
+    // are zero padding and never dereferenced.
+    const T* rowp[3];
+    bool rowok[3];
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      const int64_t hi = ho * S + i - 1;
+      rowok[i] = hi >= 0 && hi < s.H;
+      rowp[i] = x + ((n * s.H + (rowok[i] ? hi : 0)) * s.W) * s.C + c0;
+    }
+    // Loads input column wi of the three rows into window column a.
+    V win[3][3];
+    auto load_col = [&](int a, int64_t wi) {
+      const bool colok = wi >= 0 && wi < s.W;
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+        win[i][a] = (rowok[i] && colok) ? *reinterpret_cast<const V*>(rowp[i] + wi * s.C) : zero;
+      }
+    };
+
+    T* yrow = y + ((n * s.Ho + ho) * s.Wo) * s.C + c0;
+    const int64_t wo0 = strip * TWS;
+#pragma unroll
+    for (int kk = 0; kk < TWS; ++kk) {
+      const int64_t wo = wo0 + kk;
+      if (wo >= s.Wo) break;
+      if (kk == 0) {
+        load_col(0, wo * S - 1);
+        load_col(1, wo * S);
+        load_col(2, wo * S + 1);
+      } else if (S == 1) {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+          win[i][0] = win[i][1];
+          win[i][1] = win[i][2];
+        }
+        load_col(2, wo * S + 1);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 3; ++i) win[i][0] = win[i][2];
+        load_col(1, wo * S);
+        load_col(2, wo * S + 1);
+      }
+      V out;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        Acc z = Acc(0);
+#pragma unroll
+        for (int i = 0; i < 3; ++i) {
+#pragma unroll
+          for (int a = 0; a < 3; ++a) z += to_acc<Acc>(win[i][a].v[v]) * wr[i * 3 + a][v];
+        }
+        out.v[v] = from_acc<T>(apply_act<ACT>(z * sc[v] + sh[v]));
+      }
+      *reinterpret_cast<V*>(yrow + wo * s.C) = out;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// dw_fwd, NCHW: a block per (image n, group of CB planes, TH x TW output tile), grid-stride
+// over those. The block stages the (TH-1)*S+3 x (TW-1)*S+3 input tile with its halo (zero
+// padding outside the image) in shared memory; each thread then computes the outputs
+// p = pl, pl + PL, ... of its plane cl (consecutive threads: consecutive pixels of a row).
+
+template <typename T, int S, int ACT>
+__device__ __forceinline__ void fwd_nchw_item(const T* __restrict__ x, const T* __restrict__ w,
+                                              const typename AccOf<T>::type* __restrict__ scale,
+                                              const typename AccOf<T>::type* __restrict__ shift,
+                                              T* __restrict__ y, const DwShape& s, const DwPlan& g,
+                                              typename AccOf<T>::type* xs, int cl, int pl,
+                                              int64_t n, int64_t cg, int tile) {
+  using Acc = typename AccOf<T>::type;
+  constexpr bool NHWC = false;
+  const int PL = kDwThreads / g.CB;
+  const int tile_px = g.TH * g.TW;
+  const int tiles_w = static_cast<int>(g.tiles_w);
+  const int th = tile / tiles_w;
+  const int tw = tile - th * tiles_w;
+  const int64_t c = cg * g.CB + cl;
+  const bool cok = c < s.C;
+  const int64_t ho0 = static_cast<int64_t>(th) * g.TH, wo0 = static_cast<int64_t>(tw) * g.TW;
+
+  Acc wr[9], sc = Acc(0), sh = Acc(0);
+#pragma unroll
+  for (int k = 0; k < 9; ++k) wr[k] = cok ? to_acc<Acc>(w[c * 9 + k]) : Acc(0);
+  if (cok) {
+    sc = scale[c];
+    sh = shift[c];
+  }
+
+  __syncthreads();  // the previous item's readers of xs are done
+  load_x_tile<NHWC>(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+  __syncthreads();
+  if (cok) {
+    for (int p = pl; p < tile_px; p += PL) {
+      const int r = p / g.TW;
+      const int q = p - r * g.TW;
+      const int64_t ho = ho0 + r, wo = wo0 + q;
+      if (ho >= s.Ho || wo >= s.Wo) continue;
+      const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
+      y[offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo)] = from_acc<T>(apply_act<ACT>(z * sc + sh));
+    }
+  }
+}
+
+template <typename T, int S, int ACT>
+__global__ void __launch_bounds__(kDwThreads, 2)
+    dw_fwd_nchw_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                       const typename AccOf<T>::type* __restrict__ scale,
+                       const typename AccOf<T>::type* __restrict__ shift, T* __restrict__ y,
+                       DwShape s, DwPlan g) {
+  using Acc = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char dw_smem[];
+  Acc* xs = reinterpret_cast<Acc*>(dw_smem);
+  int cl, pl;
+  lanes<false>(g.CB, cl, pl);
+  // Grid: x = output tiles of a plane (tiles_h * tiles_w < 2^31, checked by the launcher),
+  // y = channel groups, z = images, each grid-stride so that any N and C fit the 65535 limit
+  // of y and z. The loop bounds are uniform across the block, so every thread reaches the
+  // barriers inside fwd_nchw_item.
+  const int tiles = static_cast<int>(g.tiles_h * g.tiles_w);
+  for (int64_t n = blockIdx.z; n < s.N; n += gridDim.z) {
+    for (int64_t cg = blockIdx.y; cg < g.cgroups; cg += gridDim.y) {
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        fwd_nchw_item<T, S, ACT>(x, w, scale, shift, y, s, g, xs, cl, pl, n, cg, tile);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// dw_stats. Stage 1: grid (channel group, chunk). Each block walks the items (image, tile) of
+// its chunk in order; each thread keeps a Welford (count, mean, M2) of the z values of its
+// channel; the block merges its threads with Chan's formula in a fixed binary tree and writes
+// one (count, mean, M2) per channel to ws[(chunk*C + c)*3 + 0..2]. Stage 2: one thread per
+// channel merges the chunks in order 0, 1, ... (counts in fp64). No atomics: the result is a
+// pure function of the inputs and the plan, bitwise reproducible.
+
+// (na, ma, Ma) <- (na, ma, Ma) + (nb, mb, Mb).
+template <typename Acc>
+__device__ __forceinline__ void chan_merge(Acc& na, Acc& ma, Acc& Ma, Acc nb, Acc mb, Acc Mb) {
+  if (nb == Acc(0)) return;
+  const Acc n = na + nb;
+  const Acc d = mb - ma;
+  const Acc f = nb / n;
+  ma = ma + d * f;
+  Ma = Ma + Mb + d * d * na * f;
+  na = n;
+}
+
+template <typename T, int S, bool NHWC>
+__global__ void __launch_bounds__(kDwThreads, 2)
+    dw_stats_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                    typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g) {
+  using Acc = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char dw_smem[];
+  Acc* xs = reinterpret_cast<Acc*>(dw_smem);
+  __shared__ Acc red_n[kDwThreads], red_m[kDwThreads], red_M[kDwThreads];
+  int cl, pl;
+  lanes<NHWC>(g.CB, cl, pl);
+  const int PL = kDwThreads / g.CB;
+  const int tile_px = g.TH * g.TW;
+  const int64_t cg = blockIdx.x;
+  const int64_t chunk = blockIdx.y;
+  const int64_t c = cg * g.CB + cl;
+  const bool cok = c < s.C;
+  Acc wr[9];
+#pragma unroll
+  for (int k = 0; k < 9; ++k) wr[k] = cok ? to_acc<Acc>(w[c * 9 + k]) : Acc(0);
+
+  int64_t cnt = 0;
+  Acc mean = Acc(0), m2 = Acc(0);
+  const int64_t it0 = chunk * g.items_per_chunk;
+  const int64_t it1 = it0 + g.items_per_chunk < g.items ? it0 + g.items_per_chunk : g.items;
+  for (int64_t it = it0; it < it1; ++it) {  // uniform across the block
+    int64_t t = it;
+    const int64_t tw = t % g.tiles_w;
+    t /= g.tiles_w;
+    const int64_t th = t % g.tiles_h;
+    const int64_t n = t / g.tiles_h;
+    const int64_t ho0 = th * g.TH, wo0 = tw * g.TW;
+    __syncthreads();  // the previous item's readers of xs are done
+    load_x_tile<NHWC>(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+    __syncthreads();
+    if (cok) {
+      for (int p = pl; p < tile_px; p += PL) {
+        const int r = p / g.TW;
+        const int q = p - r * g.TW;
+        if (ho0 + r >= s.Ho || wo0 + q >= s.Wo) continue;
+        const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
+        ++cnt;
+        const Acc d = z - mean;
+        mean += d / static_cast<Acc>(cnt);
+        m2 += d * (z - mean);
+      }
+    }
+  }
+
+  // Fixed-order tree over the PL pixel lanes of each channel lane.
+  const int ri = cl * PL + pl;
+  red_n[ri] = static_cast<Acc>(cnt);
+  red_m[ri] = mean;
+  red_M[ri] = m2;
+  __syncthreads();
+  for (int off = PL / 2; off > 0; off /= 2) {
+    if (pl < off) {
+      Acc na = red_n[ri], ma = red_m[ri], Ma = red_M[ri];
+      chan_merge(na, ma, Ma, red_n[ri + off], red_m[ri + off], red_M[ri + off]);
+      red_n[ri] = na;
+      red_m[ri] = ma;
+      red_M[ri] = Ma;
+    }
+    __syncthreads();
+  }
+  if (pl == 0 && cok) {
+    Acc* o = ws + (chunk * s.C + c) * 3;
+    o[0] = red_n[ri];
+    o[1] = red_m[ri];
+    o[2] = red_M[ri];
+  }
+}
+
+template <typename Acc>
+__global__ void __launch_bounds__(kDwThreads)
+    dw_stats_finalize_kernel(const Acc* __restrict__ ws, int64_t chunks, int64_t C,
+                             Acc* __restrict__ mean, Acc* __restrict__ var) {
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    double n = 0.0;  // exact integer counts well past 2^24
+    Acc m = Acc(0), M = Acc(0);
+    for (int64_t j = 0; j < chunks; ++j) {
+      const Acc* in = ws + (j * C + c) * 3;
+      const double nb = static_cast<double>(in[0]);
+      if (nb == 0.0) continue;
+      const double nt = n + nb;
+      const Acc d = in[1] - m;
+      const Acc f = static_cast<Acc>(nb / nt);
+      m = m + d * f;
+      M = M + in[2] + d * d * static_cast<Acc>(n) * f;
+      n = nt;
+    }
+    mean[c] = n > 0.0 ? m : Acc(0);
+    var[c] = n > 0.0 ? M / static_cast<Acc>(n) : Acc(0);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Launchers.
+
+template <typename T, int S, int ACT, int VEC>
+cudaError_t launch_fwd_nhwc(const DwFwdParams& p, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwShape& s = p.s;
+  constexpr int TWS = strip_width<S>();
+  const int64_t items = s.N * s.Ho * ((s.Wo + TWS - 1) / TWS) * (s.C / VEC);
+  dw_fwd_nhwc_kernel<T, S, ACT, VEC><<<grid_1d(items, kDwThreads), kDwThreads, 0, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.scale),
+      static_cast<const Acc*>(p.shift), static_cast<T*>(p.y), s);
+  return cudaGetLastError();
+}
+
+template <typename T, int S, int ACT>
+cudaError_t launch_fwd_nchw(const DwFwdParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwPlan g = dw_plan(DwKernel::kFwdTile, p.s, dtype);
+  const int64_t tiles = g.tiles_h * g.tiles_w;
+  if (tiles > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(tiles),
+                  static_cast<unsigned>(g.cgroups < 65535 ? g.cgroups : 65535),
+                  static_cast<unsigned>(p.s.N < 65535 ? p.s.N : 65535));
+  dw_fwd_nchw_kernel<T, S, ACT><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.scale),
+      static_cast<const Acc*>(p.shift), static_cast<T*>(p.y), p.s, g);
+  return cudaGetLastError();
+}
+
+template <typename T, int S, bool NHWC>
+cudaError_t launch_stats(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwPlan g = dw_plan(DwKernel::kStats, p.s, dtype);
+  if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
+  Acc* ws = static_cast<Acc*>(p.workspace);
+  const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
+  dw_stats_kernel<T, S, NHWC><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), ws, p.s, g);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  dw_stats_finalize_kernel<Acc><<<grid_1d(p.s.C, kDwThreads), kDwThreads, 0, stream>>>(
+      ws, g.chunks, p.s.C, static_cast<Acc*>(p.mean), static_cast<Acc*>(p.var));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t dw_fwd(const DwFwdParams& p, DType dtype, cudaStream_t stream) {
+  const DwShape& s = p.s;
+  if (s.N * s.C * s.Ho * s.Wo == 0) return cudaSuccess;
+  if (s.stride != 1 && s.stride != 2) return cudaErrorInvalidValue;
+  DWSEP_DISPATCH_DTYPE(dtype, T, {
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec_ok = s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y);
+    DWSEP_DISPATCH_ACT(p.act, ACT, {
+      if (s.nhwc) {
+        if (s.stride == 1) {
+          return vec_ok ? launch_fwd_nhwc<T, 1, ACT, kVec>(p, stream)
+                        : launch_fwd_nhwc<T, 1, ACT, 1>(p, stream);
+        }
+        return vec_ok ? launch_fwd_nhwc<T, 2, ACT, kVec>(p, stream)
+                      : launch_fwd_nhwc<T, 2, ACT, 1>(p, stream);
+      }
+      return s.stride == 1 ? launch_fwd_nchw<T, 1, ACT>(p, dtype, stream)
+                           : launch_fwd_nchw<T, 2, ACT>(p, dtype, stream);
+    });
+  });
+  return cudaSuccess;
+}
+
+cudaError_t dw_stats(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
+  const DwShape& s = p.s;
+  if (s.N * s.C * s.Ho * s.Wo == 0) return cudaSuccess;  // the glue writes mean = var = 0
+  if (s.stride != 1 && s.stride != 2) return cudaErrorInvalidValue;
+  DWSEP_DISPATCH_DTYPE(dtype, T, {
+    if (s.nhwc) {
+      return s.stride == 1 ? launch_stats<T, 1, true>(p, dtype, stream)
+                           : launch_stats<T, 2, true>(p, dtype, stream);
+    }
+    return s.stride == 1 ? launch_stats<T, 1, false>(p, dtype, stream)
+                         : launch_stats<T, 2, false>(p, dtype, stream);
+  });
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace dwsep
