@@ -9,6 +9,7 @@ For each of MobileNetV1's 13 depthwise and 13 pointwise layers (``dwsep.shapes``
                  ``cudnn.benchmark = True`` on a GPU;
     ``compile``  ``torch.compile`` of that same eager function (failures are recorded, never
                  fatal);
+* ``matmul``: the bare GEMM of each pointwise layer (``torch.matmul``), in inference only;
 * each selected dwsep backend (``cuda``, ``triton``, ``cpu``, ``torch``) through
   ``dwsep.functional``.
 
@@ -50,6 +51,11 @@ from .timing import Timing, bench_fn, rotation_sets
 
 MODES = RL.MODES
 BASELINES = ("eager", "compile")
+# The bare GEMM of a pointwise layer (torch.matmul, i.e. cuBLAS / oneDNN), timed for pointwise
+# inference only: the reference for issue 4's "GEMM >= 0.9x torch.matmul" target.
+GEMM_REF = "matmul"
+REFERENCES = (*BASELINES, GEMM_REF)
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 MODEL_MODES = ("inference", "train_step")
 
 _DTYPES = {
@@ -271,6 +277,8 @@ def layer_step(inp: LayerInputs, impl: str, compile_mode: str = "default") -> Ca
         def base(x, w, rm, rv, g, b):
             return _eager_pw(x, w, rm, rv, g, b, training)
 
+    if impl == GEMM_REF:
+        return _gemm_step(inp)
     if impl == "eager":
         op = base
     elif impl == "compile":
@@ -279,7 +287,7 @@ def layer_step(inp: LayerInputs, impl: str, compile_mode: str = "default") -> Ca
     else:
         import dwsep
 
-        if impl not in ("cuda", "triton", "cpu", "torch"):
+        if impl not in BACKEND_NAMES:
             raise ValueError(f"unknown implementation {impl!r}")
         if inp.is_dw:
             fdw = dwsep.functional.depthwise_conv_bn_act
@@ -310,6 +318,31 @@ def layer_step(inp: LayerInputs, impl: str, compile_mode: str = "default") -> Ca
         def fn(i):
             y = op(xs[i], w, rm, rv, g, b)
             return torch.autograd.grad(y, (xs[i], w, g, b), gys[i])
+
+    return fn
+
+
+def _gemm_step(inp: LayerInputs) -> Callable[[int], Any]:
+    """The pointwise layer's GEMM alone, as torch.matmul runs it for the layout: one
+    (N*H*W, Cin) x (Cin, Cout) product for channels_last, a batched (Cout, Cin) x (Cin, H*W)
+    product for NCHW."""
+    if inp.is_dw or inp.mode != "inference":
+        raise ValueError("the matmul reference exists for pointwise inference only")
+    n, cin, h, w = inp.layer.input_shape
+    w2 = inp.weight.detach().reshape(inp.layer.out_channels, cin)
+    wt = w2.t()
+    if inp.layout == "channels_last":
+        xs = [x.detach().permute(0, 2, 3, 1).reshape(n * h * w, cin) for x in inp.xs]
+
+        def fn(i):
+            with torch.inference_mode():
+                return torch.matmul(xs[i], wt)
+    else:
+        xs = [x.detach().reshape(n, cin, h * w) for x in inp.xs]
+
+        def fn(i):
+            with torch.inference_mode():
+                return torch.matmul(w2, xs[i])
 
     return fn
 
@@ -580,6 +613,7 @@ class Config:
     layers: Optional[list[str]]
     compile_modes: list[str]  # the modes in which the compile baseline runs
     compile_mode: str
+    model_compile_mode: str
     model: bool
     quick: bool
     out: Path
@@ -599,6 +633,7 @@ class Config:
             "layers": self.layers,
             "compile_modes": self.compile_modes,
             "compile_mode": self.compile_mode,
+            "model_compile_mode": self.model_compile_mode,
             "model": self.model,
             "quick": self.quick,
             "time_budget_s": self.time_budget,
@@ -641,6 +676,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile-mode", default="default", help="torch.compile mode (e.g. max-autotune)"
     )
+    p.add_argument(
+        "--model-compile-mode",
+        default=None,
+        help="torch.compile mode for the reference model (default: --compile-mode; issue 5's "
+        "target is against max-autotune)",
+    )
     p.add_argument("--no-model", action="store_true", help="skip the MobileNetV1 throughput part")
     p.add_argument("--quick", action="store_true", help="fewer repeats (and fewer compiles)")
     p.add_argument("--out", default=None, help="output directory for report.json/.md/.png")
@@ -668,11 +709,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.backend in (None, "", "auto"):
         backends = default_backends(dev)
     elif args.backend == "all":
-        import dwsep
-
-        backends = list(dwsep.backends.BACKENDS)
+        backends = list(BACKEND_NAMES)
     else:
         backends = _split(args.backend)
+    for b in backends:
+        if b not in BACKEND_NAMES:
+            raise SystemExit(
+                f"dwsep bench: --backend entries must be in {BACKEND_NAMES}, got {b!r}"
+            )
     modes = _split(args.modes)
     for m in modes:
         if m not in MODES:
@@ -703,6 +747,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         layers=_split(args.layers) or None,
         compile_modes=compile_modes,
         compile_mode=args.compile_mode,
+        model_compile_mode=args.model_compile_mode or args.compile_mode,
         model=not args.no_model,
         quick=args.quick,
         out=out,
@@ -764,8 +809,9 @@ def _empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _impls(cfg: Config, mode: str) -> list[str]:
-    return ["eager", *(["compile"] if mode in cfg.compile_modes else []), *cfg.backends]
+def _impls(cfg: Config, mode: str, layer=None) -> list[str]:
+    gemm = [GEMM_REF] if isinstance(layer, PointwiseLayer) and mode == "inference" else []
+    return ["eager", *(["compile"] if mode in cfg.compile_modes else []), *gemm, *cfg.backends]
 
 
 def _layer_record(layer, mode: str, cost: RL.Cost, ceil: RL.Ceilings) -> dict[str, Any]:
@@ -788,7 +834,7 @@ def _layer_record(layer, mode: str, cost: RL.Cost, ceil: RL.Ceilings) -> dict[st
 
 
 def _add_speedups(results: dict[str, dict[str, Any]]) -> None:
-    for base in BASELINES:
+    for base in REFERENCES:
         ref = results.get(base, {}).get("ms")
         for res in results.values():
             if ref and res.get("ms"):
@@ -802,7 +848,7 @@ def run_layers(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float)
         cost = RL.layer_cost(layer, mode, cfg.dtype)
         rec = _layer_record(layer, mode, cost, ceil)
         records.append(rec)
-        impls = _impls(cfg, mode)
+        impls = _impls(cfg, mode, layer)
         if time.monotonic() > deadline:
             for impl in impls:
                 rec["results"][impl] = {"skipped": "time budget"}
@@ -820,7 +866,7 @@ def run_layers(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float)
         for impl in impls:
             res: dict[str, Any] = {}
             rec["results"][impl] = res
-            why = None if impl in BASELINES else why_skip_backend(impl, cfg.device)
+            why = None if impl in REFERENCES else why_skip_backend(impl, cfg.device)
             if why:
                 res["skipped"] = why
             elif time.monotonic() > deadline:
@@ -831,7 +877,7 @@ def run_layers(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float)
                     out = fn(0)  # first call: compilation / autotuning; output check
                     if impl == "eager":
                         ref = _detach(out)
-                    elif ref is not None:
+                    elif ref is not None and impl != GEMM_REF:
                         err = rel_error(out, ref)
                         res["rel_err_vs_eager"] = err
                         res["check_ok"] = bool(err <= CHECK_TOL[cfg.dtype])
@@ -849,11 +895,15 @@ def run_layers(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float)
     return records
 
 
+def _model_impls(cfg: Config, mode: str) -> list[str]:
+    """The compiled reference model runs where the layer compile baseline runs in the matching
+    mode (inference; fwd_bwd for the training step)."""
+    cm = "inference" if mode == "inference" else "fwd_bwd"
+    return ["eager", *(["compile"] if cm in cfg.compile_modes else []), *cfg.backends]
+
+
 def run_model(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float) -> dict[str, Any]:
-    impls_by_mode = {
-        m: ["eager", *(["compile"] if cfg.compile_modes else []), *cfg.backends]
-        for m in MODEL_MODES
-    }
+    impls_by_mode = {m: _model_impls(cfg, m) for m in MODEL_MODES}
     total = sum(len(v) for v in impls_by_mode.values())
     out: dict[str, Any] = {"batch": cfg.batch, "alpha": cfg.alpha, "resolution": cfg.resolution}
     _, _, why = model_import()
@@ -899,7 +949,7 @@ def run_model(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float) 
                 res["skipped"] = "time budget"
             else:
                 try:
-                    fn = model_step(mi, impl, mode, cfg.compile_mode)
+                    fn = model_step(mi, impl, mode, cfg.model_compile_mode)
                     first = fn(0)
                     if mode == "inference":
                         if impl == "eager":
@@ -945,7 +995,7 @@ def summarize(records: list[dict]) -> list[dict[str, Any]]:
             continue
         row: dict[str, Any] = {"op": op, "mode": mode, "impl": impl}
         recs = [r for r in records if r["op"] == op and r["mode"] == mode]
-        for base in BASELINES:
+        for base in REFERENCES:
             if base == impl:
                 continue
             pairs = [
@@ -958,6 +1008,9 @@ def summarize(records: list[dict]) -> list[dict[str, Any]]:
                 sum(b for b, _ in pairs) / sum(i for _, i in pairs) if pairs else math.nan
             )
             row[f"n_vs_{base}"] = len(pairs)
+            if not pairs and base != "eager":
+                for k in ("geomean", "sum_ratio", "n"):
+                    row.pop(f"{k}_vs_{base}")
         pct = [r["results"][impl]["pct_roofline"] for r in recs if r["results"].get(impl, {}).get("pct_roofline")]  # fmt: skip
         row["median_pct_roofline"] = sorted(pct)[len(pct) // 2] if pct else math.nan
         bad = [r["name"] for r in recs if r["results"].get(impl, {}).get("check_ok") is False]
@@ -967,8 +1020,16 @@ def summarize(records: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run the whole report for ``cfg``; returns the JSON-able dict (and writes nothing)."""
+def _stamp(report: dict[str, Any], cfg: Config, t_start: float) -> None:
+    report["elapsed_s"] = time.monotonic() - t_start
+    stem = f"{_dt.date.today().isoformat()}_{slug(report['environment']['device_name'])[:40]}"
+    report["results_stem"] = f"{stem}_{dtype_name(cfg.dtype)}_{cfg.layout}_b{cfg.batch}"
+
+
+def run(cfg: Config, checkpoint: Optional[Callable[[dict], Any]] = None) -> dict[str, Any]:
+    """Run the whole report for ``cfg``; returns the JSON-able dict. ``checkpoint(report)`` is
+    called with the partial report (``"partial": True``) once the per-layer part is done, so a
+    run killed during the model part still leaves its layer results."""
     t_start = time.monotonic()
     deadline = t_start + cfg.time_budget if cfg.time_budget else math.inf
     if cfg.device.type == "cuda":
@@ -981,23 +1042,23 @@ def run(cfg: Config) -> dict[str, Any]:
     ceil = RL.measure_ceilings(cfg.device, cfg.dtype, quick=cfg.quick)
     report["ceilings"] = ceil.to_dict()
     layers = select_layers(cfg)
-    n_layer_cases = sum(len(_impls(cfg, m)) for m in cfg.modes) * len(layers)
-    n_model = (
-        sum(len(["eager", *(["compile"] if cfg.compile_modes else []), *cfg.backends]) for _ in MODEL_MODES)
-        if cfg.model
-        else 0
-    )  # fmt: skip
+    n_layer_cases = sum(len(_impls(cfg, m, x)) for m in cfg.modes for x in layers)
+    n_model = sum(len(_model_impls(cfg, m)) for m in MODEL_MODES) if cfg.model else 0
     prog = _Progress(n_layer_cases + n_model, "dwsep bench")
     try:
         report["layers"] = run_layers(cfg, ceil, prog, deadline)
         report["summary"] = summarize(report["layers"])
         if cfg.model:
+            if checkpoint is not None:
+                _stamp(report, cfg, t_start)
+                try:
+                    checkpoint({**report, "partial": True})
+                except Exception as exc:  # a failed checkpoint must not stop the run
+                    report["checkpoint_error"] = _short_error(exc)
             report["model"] = run_model(cfg, ceil, prog, deadline)
     finally:
         prog.close()
-    report["elapsed_s"] = time.monotonic() - t_start
-    stem = f"{_dt.date.today().isoformat()}_{slug(report['environment']['device_name'])[:40]}"
-    report["results_stem"] = f"{stem}_{dtype_name(cfg.dtype)}_{cfg.layout}_b{cfg.batch}"
+    _stamp(report, cfg, t_start)
     return report
 
 
@@ -1068,10 +1129,12 @@ def layer_tables(report: dict[str, Any]) -> str:
             impls: list[str] = []
             for r in recs:
                 impls += [i for i in r["results"] if i not in impls]
-            others = [i for i in impls if i not in BASELINES]
+            others = [i for i in impls if i not in REFERENCES]
             header = ["layer", "shape", f"floor {ulabel}", f"eager {ulabel}"]
             if "compile" in impls:
                 header.append(f"compile {ulabel}")
+            if GEMM_REF in impls:
+                header.append(f"matmul {ulabel}")
             for b in others:
                 header += [f"{b} {ulabel}", f"{b} ×eager", f"{b} GB/s", f"{b} %roof"]
             rows = []
@@ -1081,6 +1144,8 @@ def layer_tables(report: dict[str, Any]) -> str:
                 row.append(_cell(res.get("eager", {}), unit) if "error" not in r else "error")
                 if "compile" in impls:
                     row.append(_cell(res.get("compile", {}), unit))
+                if GEMM_REF in impls:
+                    row.append(_cell(res.get(GEMM_REF, {}), unit))
                 for b in others:
                     x = res.get(b, {})
                     row += [
@@ -1105,6 +1170,7 @@ def summary_table(report: dict[str, Any]) -> str:
                 _fmt(s.get("geomean_vs_eager"), ".2f", "×"),
                 _fmt(s.get("sum_ratio_vs_eager"), ".2f", "×"),
                 _fmt(s.get("geomean_vs_compile"), ".2f", "×"),
+                _fmt(s.get("geomean_vs_matmul"), ".2f", "×"),
                 _fmt(s.get("median_pct_roofline"), ".0f", "%"),
                 str(s.get("n_vs_eager", "")),
                 ", ".join(s.get("check_failed", [])),
@@ -1112,7 +1178,7 @@ def summary_table(report: dict[str, Any]) -> str:
         )
     header = [
         "op", "mode", "impl", "geomean ×eager", "Σtime ×eager", "geomean ×compile",
-        "median %roof", "layers", "output check failed",
+        "geomean ×matmul", "median %roof", "layers", "output check failed",
     ]  # fmt: skip
     return _table(header, rows) if rows else "(no results)"
 
@@ -1192,8 +1258,8 @@ def header_text(report: dict[str, Any]) -> str:
         f"- **config**: dtype {cfg['dtype']}, layout {cfg['layout']}, batch {cfg['batch']}, "
         f"alpha {cfg['alpha']}, resolution {cfg['resolution']}, backends "
         f"{', '.join(cfg['backends']) or '(none)'}, torch.compile baseline in "
-        f"{', '.join(cfg['compile_modes']) or 'no'} mode(s) (mode `{cfg['compile_mode']}`)"
-        + (", quick" if cfg["quick"] else ""),
+        f"{', '.join(cfg['compile_modes']) or 'no'} mode(s) (mode `{cfg['compile_mode']}`, model "
+        f"`{cfg.get('model_compile_mode')}`)" + (", quick" if cfg["quick"] else ""),
         f"- **software**: dwsep {env.get('dwsep')}, torch {env.get('torch')}, CUDA "
         f"{env.get('torch_cuda')}, cuDNN {env.get('cudnn', '-')}, triton {env.get('triton')}, "
         f"python {env.get('python')}",
@@ -1205,6 +1271,10 @@ def header_text(report: dict[str, Any]) -> str:
         f"(balance {ce['balance_flop_per_byte']:.0f} FLOP/B)",
         f"- **date**: {env.get('date')}, elapsed {report.get('elapsed_s', 0):.0f} s",
     ]
+    if report.get("partial"):
+        lines.append(
+            "- **partial report**: written after the per-layer part, before the model part ended"
+        )
     load, ncpu = env.get("loadavg_1min"), env.get("cpu_count") or 1
     if cfg["device"] == "cpu" and load is not None and load > 0.75 * ncpu:
         lines.append(
@@ -1218,7 +1288,9 @@ METHOD_TEXT = """Times are medians per call. GPU: CUDA events around back-to-bac
 blocking kernel (the GPU's own time; the "e2e" numbers in the JSON also include host overhead),
 after warm-up (autotuning and compilation excluded), with input sets rotated so together they
 exceed twice the L2 cache; `cudnn.benchmark = True`. CPU: `perf_counter` per call after warm-up.
-Speedups are ratios against the baselines measured in this run on the same inputs. GB/s counts
+Speedups are ratios against the baselines measured in this run on the same inputs; `matmul`
+is the bare GEMM of a pointwise layer (torch.matmul), so ×matmul below 1 means slower than the
+GEMM alone. GB/s counts
 the floor bytes (each input read once, each output written once; see `dwsep/roofline.py`);
 %roof is floor time / measured time, the floor being max(bytes / copy bandwidth, FLOPs / matmul
 rate). `!` marks an output that differs from eager's beyond the dtype's check tolerance; such a
@@ -1345,7 +1417,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         + (", quick" if cfg.quick else ""),
         flush=True,
     )
-    report = run(cfg)
+    report = run(cfg, checkpoint=lambda partial: write_outputs(partial, cfg.out))
     paths = write_outputs(report, cfg.out)
     print()
     print(header_text(report))

@@ -223,3 +223,50 @@ def test_main_help():
     with pytest.raises(SystemExit) as e:
         main(["bench", "--help"])
     assert e.value.code == 0
+
+
+class _FakeEvent:
+    """A CUDA event stand-in on the host clock (the fake "GPU" runs synchronously)."""
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return (other.t - self.t) * 1e3
+
+
+def test_bench_fn_cuda_control_flow_with_fake_events(monkeypatch):
+    """The GPU path of bench_fn (warm-up, probe, blocking-kernel sizing, samples, e2e) run
+    against fake events, so its bookkeeping is checked on a machine without a GPU. It proves
+    nothing about real GPU timings."""
+    import contextlib
+
+    import dwsep.timing as T
+
+    sleeps = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: sleeps.append(cycles), raising=False)
+    monkeypatch.setattr(T, "_SLEEP_CYCLES_PER_S", {0: 1.5e9})
+    seen = []
+
+    def fn(i):
+        seen.append(i)
+        time.sleep(0.001)
+
+    t = bench_fn(fn, torch.device("cuda", 0), nsets=4, quick=True)
+    assert set(seen) == {0, 1, 2, 3}
+    assert t.calls_per_sample == 1  # 1 ms per call: one call fills the 1 ms sample target
+    assert t.samples >= 5 and len(sleeps) == t.samples
+    assert all(c > 0 for c in sleeps)
+    assert 0.001 <= t.median_s < 0.02
+    assert t.e2e_median_s is not None and t.e2e_median_s >= 0.001
+    assert "CUDA events" in t.method and "blocking kernel" in t.method
