@@ -105,7 +105,7 @@ def get_settings(config) -> Settings:
     if cached is not None:
         return cached
     opt = config.getoption
-    dev = torch.device(opt("--bench-device") or R.default_device())
+    dev = R.resolve_device(opt("--bench-device") or R.default_device())
     cuda = dev.type == "cuda"
     full = bool(opt("--full"))
     if cuda:

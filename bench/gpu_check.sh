@@ -138,7 +138,7 @@ if want build; then
     else
         export DWSEP_BUILD_CUDA=1
         if ! run_step build "$(budget 300 270)" build.log \
-            $PY -m pip install -v -e . --no-build-isolation --no-deps; then
+            $PY -m pip install -v -e . --no-build-isolation --no-deps || ! cuda_build_ok; then
             run_step build_inplace "$(budget 300 270)" build_inplace.log \
                 $PY setup.py build_ext --inplace
         fi
@@ -156,7 +156,7 @@ if want tests; then
     # shellcheck disable=SC2086
     run_step tests "$(budget 200 200)" tests.log \
         $PY -m pytest tests/ -q -ra -p no:cacheprovider --junitxml="$LOGS/junit.xml" \
-        "${xd[@]}" ${PYTEST_ARGS:-}
+        ${xd[@]+"${xd[@]}"} ${PYTEST_ARGS:-}
     TEST_LINE=$(grep -E "[0-9]+ (passed|failed|error)" "$LOGS/tests.log" | tail -n 1)
 fi
 
@@ -229,8 +229,8 @@ EOF
 SAN_ROWS=""
 sanitize() { # NAME TOOL BACKEND WANT_S [small]
     local name=$1 tool=$2 be=$3 w=$4 extra=${5:-} errs
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$name" "$(budget "$w" 120)" "$name.log" \
-        compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 30 \
+    run_step "$name" "$(budget "$w" 120)" "$name.log" \
+        env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 86 --print-limit 30 \
         --target-processes all ${SANITIZER_EXTRA:-} $PY "$LOGS/sanitize_driver.py" "$be" $extra
     local rc=$?
     errs=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY|HAZARD|Invalid|out of bounds" "$LOGS/$name.log" | sort | uniq -c | head -n 8 | tr '\n' ';')
@@ -287,6 +287,9 @@ REV=$($PY -c "import json; from dwsep.report import source_revision; print(json.
     echo "## Sanitizers"
     echo
     if [[ -n "$SAN_ROWS" ]]; then
+        echo "Exit 86: the sanitizer reported errors. Any other non-zero exit: the driver itself"
+        echo "failed or timed out (see the log's last lines)."
+        echo
         echo "| run | tool | backend | exit | summary lines |"
         echo "|---|---|---|---|---|"
         printf "%s" "$SAN_ROWS"

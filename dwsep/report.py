@@ -118,6 +118,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cuda`` becomes ``cuda:<current>`` (torch.cuda.set_device needs an index)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def default_backends(device: str | torch.device) -> list[str]:
     """Available dwsep backends for ``device``, without Triton's CPU interpreter (its timings
     mean nothing) and without the pure-PyTorch ``torch`` backend unless nothing else runs."""
@@ -702,6 +710,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     dev = torch.device(default_device() if args.device == "auto" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("dwsep bench: --device cuda but no CUDA device is available")
+    dev = resolve_device(dev)
     cuda = dev.type == "cuda"
     dtype = parse_dtype(args.dtype or ("bf16" if cuda else "fp32"))
     layout = parse_layout(args.layout or ("channels_last" if cuda else "nchw"))
