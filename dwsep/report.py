@@ -1348,6 +1348,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         impls = []
         for r in recs:
             impls += [i for i in r["results"] if i != "eager" and i not in impls]
+        impls.sort(key=lambda i: REFERENCES.index(i) if i in REFERENCES else len(REFERENCES))
         names = [r["name"].split("_")[0] for r in recs]
         width = 0.8 / max(1, len(impls))
         for k, impl in enumerate(impls):
