@@ -138,8 +138,8 @@ struct TileCfg {
   static_assert(STAGES >= 2, "pipeline needs at least two stages");
 };
 // cfg 0: 128x128 tile, 8 warps of 64x32 (16-bit types only); cfg 1: 64x64, 4 warps of 32x32.
-// The element-wise fallback loads are kept rolled (unroll 1) so that they do not raise the
-// register pressure of the main loop.
+// The loaders' chunk loops and the element-wise fallback loads are kept rolled (unroll 1): that
+// keeps every GEMM variant free of spills on sm_80 and sm_90 (fewer live address registers).
 using CfgBig = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgSmall = TileCfg<64, 64, 2, 2, 4, 4>;
 // fp64: the 64x64 tile with a looser register cap (64 fp64 accumulators per thread).
@@ -205,7 +205,7 @@ __device__ __forceinline__ void load_kmajor(T* s, int pitch, const T* g, int64_t
   constexpr int CPR = 64 / sizeof(T) / V;  // 16-byte chunks per row (4)
   constexpr int CHUNKS = ROWS * CPR;
   static_assert(CHUNKS % NT == 0, "chunks must divide evenly among threads");
-#pragma unroll
+#pragma unroll 1
   for (int it = 0; it < CHUNKS / NT; ++it) {
     const int ci = tid + it * NT;
     const int r = ci / CPR;
@@ -239,7 +239,7 @@ __device__ __forceinline__ void load_mnmajor(T* s, int pitch, const T* g, int64_
   constexpr int CPR = COLS / V;
   constexpr int CHUNKS = BK * CPR;
   static_assert(CHUNKS % NT == 0, "chunks must divide evenly among threads");
-#pragma unroll
+#pragma unroll 1
   for (int it = 0; it < CHUNKS / NT; ++it) {
     const int ci = tid + it * NT;
     const int r = ci / CPR;
