@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -66,6 +67,13 @@ def layout_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return c * h * w, h * w, 1
 
 
+def dense(t: torch.Tensor) -> torch.Tensor:
+    """t itself when dense NCHW or channels_last (what dwsep passes), else a dense copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
 def needs_i64(*tensors: torch.Tensor) -> bool:
     """Whether in-image offsets may pass 2^31 (then the kernels index in int64)."""
     return any(t.numel() >= I64_NUMEL for t in tensors)
@@ -105,21 +113,47 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def pixel_chunk(images: int, pixels: int, channels: int, device: torch.device) -> int:
+    """Pixels of one image per reduction partial (a program loops over them). Independent of
+    the tuned tile, so the workspace size is known before launch: as long as possible (fewer
+    partials) while leaving about 4 programs per SM (assuming 64-channel blocks). In the
+    interpreter a short fixed chunk, so that programs loop over several tiles."""
+    if INTERPRET:
+        return 64
+    target = 4 * num_sms(device)
+    chunk = 2048
+    while chunk > 128 and images * triton.cdiv(pixels, chunk) * triton.cdiv(channels, 64) < target:
+        chunk //= 2
+    return chunk
+
+
 # --------------------------------------------------------------------------------------------
 # Deterministic second-stage reductions of per-program partials (fixed order, no atomics).
+# A long list of partials is reduced in two levels: groups of PER partials in parallel, then the
+# group results; the partition depends only on the partial count, so results are reproducible.
+
+_RED_BLOCK_Q = 2 if INTERPRET else 32
+_RED_BLOCK_C = 32 if INTERPRET else 128
+# Above this many partials, reduce in two levels (small in the interpreter, to test that path).
+_RED_TWO_LEVEL = 4 if INTERPRET else 256
 
 
 @triton.jit
-def _sum_partials_kernel(ws_ptr, out_ptr, Q, C, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[c] = sum over q of ws[q, c], in a fixed order for a fixed (BLOCK_Q, BLOCK_C)."""
+def _sum_partials_kernel(ws_ptr, out_ptr, Q, C, PER, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[g, c] = sum of ws[q, c] over the partials q of group g (q in [g*PER, g*PER + PER)),
+    in a fixed order for a fixed (BLOCK_Q, BLOCK_C)."""
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = tl.program_id(1).to(tl.int64)
+    q_begin = g * PER
+    q_end = tl.minimum(q_begin + PER, Q)
     cmask = c < C
     acc = tl.zeros([BLOCK_Q, BLOCK_C], dtype=ws_ptr.dtype.element_ty)
-    for q0 in range(0, Q, BLOCK_Q):
-        q = (q0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
-        m = (q < Q)[:, None] & cmask[None, :]
+    for q0 in range(q_begin, q_end, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        m = (q < q_end)[:, None] & cmask[None, :]
         acc += tl.load(ws_ptr + q[:, None] * C + c[None, :], mask=m, other=0.0)
-    tl.store(out_ptr + c, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cmask)
+    out = tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + g * C + c, out, mask=cmask)
 
 
 @triton.jit
@@ -128,29 +162,37 @@ def _merge_stats_kernel(
     piv_ws,
     mean_ws,
     m2_ws,
-    mean_ptr,
-    var_ptr,
+    cnt_out,
+    piv_out,
+    mean_out,
+    m2_out,
     Q,
     C,
+    PER,
+    FINAL: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merges per-program partials (count n_q, pivot p_q, mean d_q of z - p_q, M2_q) into the
-    mean and biased variance of z. Each partial's mean is re-expressed against the first
-    partial's pivot P0 (e_q = (p_q - P0) + d_q, small numbers), so its fp32 rounding scales with
-    the spread of z, not its magnitude. Blocks of BLOCK_Q partials merge with the exact parallel
-    formula (no E[z^2] - E[z]^2 cancellation), blocks one after another with Chan's update, in a
-    fixed order. Count 0 gives mean 0 and var 0."""
+    """Merges the partials of group g (q in [g*PER, g*PER + PER)): count n_q, pivot p_q, mean
+    d_q of z - p_q, M2_q. Each partial's mean is re-expressed against the group's first pivot
+    P0 (e_q = (p_q - P0) + d_q, small numbers), so fp32 rounding scales with the spread of z,
+    not its magnitude. Blocks of BLOCK_Q partials merge with the exact parallel formula (no
+    E[z^2] - E[z]^2 cancellation), blocks one after another with Chan's update, in a fixed
+    order. FINAL: writes mean (into mean_out) and biased variance (into m2_out), 0 and 0 for
+    count 0; else the group's (count, P0, mean, M2) as a partial for the next level."""
     ACC = mean_ws.dtype.element_ty
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = tl.program_id(1).to(tl.int64)
+    q_begin = g * PER
+    q_end = tl.minimum(q_begin + PER, Q)
     cmask = c < C
-    p0 = tl.load(piv_ws + c, mask=cmask, other=0.0)
+    p0 = tl.load(piv_ws + q_begin * C + c, mask=cmask, other=0.0)
     cnt = tl.zeros([BLOCK_C], dtype=ACC)
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for q0 in range(0, Q, BLOCK_Q):
-        q = (q0 + tl.arange(0, BLOCK_Q)).to(tl.int64)
-        qmask = q < Q
+    for q0 in range(q_begin, q_end, BLOCK_Q):
+        q = q0 + tl.arange(0, BLOCK_Q)
+        qmask = q < q_end
         m = qmask[:, None] & cmask[None, :]
         nq = tl.load(cnt_ptr + q, mask=qmask, other=0.0).to(ACC)
         off = q[:, None] * C + c[None, :]
@@ -168,14 +210,23 @@ def _merge_stats_kernel(
         mean = mean + delta * frac
         m2 = m2 + m2b + delta * delta * cnt * frac
         cnt = tot
-    var = tl.where(cnt > 0, m2 / tl.maximum(cnt, 1.0), 0.0)
-    mean = tl.where(cnt > 0, p0 + mean, 0.0)
-    tl.store(mean_ptr + c, mean.to(mean_ptr.dtype.element_ty), mask=cmask)
-    tl.store(var_ptr + c, var.to(var_ptr.dtype.element_ty), mask=cmask)
+    if FINAL:
+        var = tl.where(cnt > 0, m2 / tl.maximum(cnt, 1.0), 0.0)
+        mean = tl.where(cnt > 0, p0 + mean, 0.0)
+        tl.store(mean_out + c, mean.to(mean_out.dtype.element_ty), mask=cmask)
+        tl.store(m2_out + c, var.to(m2_out.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(piv_out + g * C + c, p0, mask=cmask)
+        tl.store(mean_out + g * C + c, mean, mask=cmask)
+        tl.store(m2_out + g * C + c, m2, mask=cmask)
+        if tl.program_id(0) == 0:
+            tl.store(cnt_out + g, tl.max(cnt, axis=0))
 
 
-_RED_BLOCK_Q = 8 if INTERPRET else 32
-_RED_BLOCK_C = 32 if INTERPRET else 128
+def _group_size(q: int) -> int:
+    """Partials per first-level group: about sqrt(q), a multiple of the block."""
+    per = max(_RED_BLOCK_Q, int(math.isqrt(q - 1)) + 1)
+    return triton.cdiv(per, _RED_BLOCK_Q) * _RED_BLOCK_Q
 
 
 def sum_partials(ws: torch.Tensor, out: torch.Tensor) -> None:
@@ -187,8 +238,15 @@ def sum_partials(ws: torch.Tensor, out: torch.Tensor) -> None:
     if q == 0:
         out.zero_()
         return
-    grid = (triton.cdiv(c, _RED_BLOCK_C),)
-    _sum_partials_kernel[grid](ws, out, q, c, BLOCK_Q=_RED_BLOCK_Q, BLOCK_C=_RED_BLOCK_C)
+    cb = triton.cdiv(c, _RED_BLOCK_C)
+    kw = {"BLOCK_Q": _RED_BLOCK_Q, "BLOCK_C": _RED_BLOCK_C}
+    if q > _RED_TWO_LEVEL:
+        per = _group_size(q)
+        groups = triton.cdiv(q, per)
+        ws2 = torch.empty((groups, c), dtype=ws.dtype, device=ws.device)
+        _sum_partials_kernel[(cb, groups)](ws, ws2, q, c, per, **kw)
+        ws, q = ws2, groups
+    _sum_partials_kernel[(cb, 1)](ws, out, q, c, q, **kw)
 
 
 def merge_stats(
@@ -206,16 +264,19 @@ def merge_stats(
         mean_out.zero_()
         var_out.zero_()
         return
-    grid = (triton.cdiv(c, _RED_BLOCK_C),)
-    _merge_stats_kernel[grid](
-        cnt,
-        piv_ws,
-        mean_ws,
-        m2_ws,
-        mean_out,
-        var_out,
-        q,
-        c,
-        BLOCK_Q=_RED_BLOCK_Q,
-        BLOCK_C=_RED_BLOCK_C,
+    cb = triton.cdiv(c, _RED_BLOCK_C)
+    kw = {"BLOCK_Q": _RED_BLOCK_Q, "BLOCK_C": _RED_BLOCK_C}
+    if q > _RED_TWO_LEVEL:
+        per = _group_size(q)
+        groups = triton.cdiv(q, per)
+        cnt2 = torch.empty((groups,), dtype=mean_ws.dtype, device=mean_ws.device)
+        piv2, mean2, m22 = torch.empty(
+            (3, groups, c), dtype=mean_ws.dtype, device=mean_ws.device
+        ).unbind(0)
+        _merge_stats_kernel[(cb, groups)](
+            cnt, piv_ws, mean_ws, m2_ws, cnt2, piv2, mean2, m22, q, c, per, FINAL=False, **kw
+        )
+        cnt, piv_ws, mean_ws, m2_ws, q = cnt2, piv2, mean2, m22, groups
+    _merge_stats_kernel[(cb, 1)](
+        cnt, piv_ws, mean_ws, m2_ws, cnt, piv_ws, mean_out, var_out, q, c, q, FINAL=True, **kw
     )

@@ -18,8 +18,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_tl_dtype, act_pass, layout_strides, needs_i64, sum_partials
-from .depthwise_fwd import STATS_CHUNK, TILE_CONFIGS, conv_tile, prune_tile_configs
+from ._common import (
+    acc_tl_dtype,
+    act_pass,
+    dense,
+    layout_strides,
+    needs_i64,
+    pixel_chunk,
+    sum_partials,
+)
+from .depthwise_fwd import TILE_CONFIGS, conv_tile, prune_tile_configs
 
 
 @triton.jit
@@ -293,9 +301,11 @@ def _dw_bwd_dx_kernel(
     )
 
 
-def _chunks(n: int, ho: int, wo: int) -> int:
+def _chunks(n: int, c: int, ho: int, wo: int, device) -> tuple[int, int]:
+    """(pixels per partial, partials per image)."""
     hwo = ho * wo
-    return triton.cdiv(hwo, STATS_CHUNK) if hwo > 0 else 0
+    chunk = pixel_chunk(n, hwo, c, device)
+    return chunk, (triton.cdiv(hwo, chunk) if hwo > 0 else 0)
 
 
 def dw_bwd_reduce(
@@ -314,13 +324,14 @@ def dw_bwd_reduce(
     with g_z = grad_y * act'(y)."""
     n, c, h, w = x.shape
     _, _, ho, wo = y.shape
-    n_chunks = _chunks(n, ho, wo)
+    chunk, n_chunks = _chunks(n, c, ho, wo, x.device)
     q = n * n_chunks
     if q == 0:
         sum_gz_out.zero_()
         sum_gzxh_out.zero_()
         return
-    weight = weight.contiguous()
+    grad_y, y, x, weight = dense(grad_y), dense(y), dense(x), weight.contiguous()
+    mean, invstd = mean.contiguous(), invstd.contiguous()
     acc = sum_gz_out.dtype
     ws_gz = torch.empty((q, c), dtype=acc, device=x.device)
     ws_gzx = torch.empty((q, c), dtype=acc, device=x.device)
@@ -342,7 +353,7 @@ def dw_bwd_reduce(
         w,
         wo,
         ho * wo,
-        STATS_CHUNK,
+        chunk,
         n_chunks,
         *layout_strides(grad_y),
         *layout_strides(y),
@@ -373,13 +384,14 @@ def dw_bwd(
     """grad_x and grad_weight of the depthwise conv for g_conv = k*g_z (+ b*conv(x) + c)."""
     n, ch, h, w = x.shape
     _, _, ho, wo = y.shape
-    n_chunks = _chunks(n, ho, wo)
+    chunk, n_chunks = _chunks(n, ch, ho, wo, x.device)
     q = n * n_chunks
     if q == 0:
         grad_x_out.zero_()
         grad_w_out.zero_()
         return
-    weight = weight.contiguous()
+    grad_y, y, x, weight = dense(grad_y), dense(y), dense(x), weight.contiguous()
+    k, b, c = k.contiguous(), b.contiguous(), c.contiguous()
     acc_t = k.dtype
     acc = acc_tl_dtype(x.dtype)
     i64 = needs_i64(x, y, grad_y)
@@ -411,7 +423,7 @@ def dw_bwd(
         w,
         wo,
         ho * wo,
-        STATS_CHUNK,
+        chunk,
         n_chunks,
         *layout_strides(grad_y),
         *layout_strides(y),

@@ -15,14 +15,15 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    INTERPRET,
     acc_tl_dtype,
     apply_act,
+    dense,
     layout_strides,
     merge_stats,
     needs_i64,
     next_pow2,
     pick_configs,
+    pixel_chunk,
 )
 
 
@@ -63,7 +64,6 @@ def prune_tile_configs(configs, named_args, **kwargs):
 TILE_CONFIGS = _tile_configs()
 # Pixels of one image per statistics / reduction partial. Independent of the tuned tile, so
 # the workspace size is known before launch.
-STATS_CHUNK = 64 if INTERPRET else 1024
 
 
 @triton.jit
@@ -291,7 +291,8 @@ def dw_fwd(
     n, c, h, w = x.shape
     ho, wo = _out_hw(h, w, stride)
     assert out.shape == (n, c, ho, wo), (out.shape, (n, c, ho, wo))
-    weight = weight.contiguous()
+    x, weight = dense(x), weight.contiguous()
+    scale, shift = scale.contiguous(), shift.contiguous()
     x_s = layout_strides(x)
     y_s = layout_strides(out)
 
@@ -330,13 +331,14 @@ def dw_stats(
     n, c, h, w = x.shape
     ho, wo = _out_hw(h, w, stride)
     hwo = ho * wo
-    n_chunks = triton.cdiv(hwo, STATS_CHUNK) if hwo > 0 else 0
+    chunk = pixel_chunk(n, hwo, c, x.device)
+    n_chunks = triton.cdiv(hwo, chunk) if hwo > 0 else 0
     q = n * n_chunks
     if q == 0:
         mean_out.zero_()
         var_out.zero_()
         return
-    weight = weight.contiguous()
+    x, weight = dense(x), weight.contiguous()
     acc = mean_out.dtype
     piv_ws, mean_ws, m2_ws = torch.empty((3, q, c), dtype=acc, device=x.device).unbind(0)
     cnt_ws = torch.empty((q,), dtype=acc, device=x.device)
@@ -356,7 +358,7 @@ def dw_stats(
         w,
         wo,
         hwo,
-        STATS_CHUNK,
+        chunk,
         n_chunks,
         *layout_strides(x),
         S=int(stride),

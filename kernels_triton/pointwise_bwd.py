@@ -19,17 +19,17 @@ from ._common import (
     INTERPRET,
     acc_tl_dtype,
     act_pass,
+    dense,
     dot_precision,
     needs_i64,
     num_sms,
+    pixel_chunk,
     sum_partials,
 )
 from .depthwise_fwd import TILE_CONFIGS, prune_tile_configs
 from .pointwise_fwd import GEMM_CONFIGS, gemm_geometry, prune_gemm_configs
 
 _PRUNE = {"early_config_prune": prune_gemm_configs}
-# Pixels per reduction partial in pw_bwd_reduce.
-REDUCE_CHUNK = 64 if INTERPRET else 2048
 
 
 @triton.jit
@@ -304,8 +304,12 @@ def pw_bwd_reduce(
         sum_gz_out.zero_()
         sum_gzxh_out.zero_()
         return
+    grad_y, z = dense(grad_y), dense(z)
+    scale, shift = scale.contiguous(), shift.contiguous()
+    mean, invstd = mean.contiguous(), invstd.contiguous()
     nb, p, (gy_s, z_s) = gemm_geometry([grad_y, z])
-    n_chunks = triton.cdiv(p, REDUCE_CHUNK)
+    chunk = pixel_chunk(nb, p, c, z.device)
+    n_chunks = triton.cdiv(p, chunk)
     q = nb * n_chunks
     acc = sum_gz_out.dtype
     ws_gz = torch.empty((q, c), dtype=acc, device=z.device)
@@ -325,7 +329,7 @@ def pw_bwd_reduce(
         ws_gzx,
         c,
         p,
-        REDUCE_CHUNK,
+        chunk,
         n_chunks,
         *gy_s,
         *z_s,
@@ -369,6 +373,9 @@ def pw_bwd(
         grad_w_out.zero_()
         return
     weight = weight.reshape(cout, cin).contiguous()
+    grad_y, z, x = dense(grad_y), dense(z), dense(x)
+    scale, shift = scale.contiguous(), shift.contiguous()
+    k, b, c = k.contiguous(), b.contiguous(), c.contiguous()
     nb, p, (gy_s, z_s, x_s, gx_s) = gemm_geometry([grad_y, z, x, grad_x_out])
     acc = acc_tl_dtype(x.dtype)
     prec = dot_precision(x.dtype)

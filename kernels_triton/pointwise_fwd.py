@@ -17,6 +17,7 @@ import triton.language as tl
 from ._common import (
     acc_tl_dtype,
     apply_act,
+    dense,
     dot_precision,
     layout_strides,
     merge_stats,
@@ -51,6 +52,10 @@ def _gemm_configs(with_bm: bool = True) -> list:
     return pick_configs(gpu, interp)
 
 
+def _tile_volume(kw: dict) -> int:
+    return kw.get("BM", 16) * kw["BN"] * kw["BK"]
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Drops tiles much larger than the problem: BN beyond the output columns, BK beyond the
     reduction length, BM beyond the rows."""
@@ -66,7 +71,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         and cfg.kwargs.get("BM", 16) <= m_max
     ]
     if not keep:
-        keep = [min(configs, key=lambda cfg: cfg.kwargs["BN"] * cfg.kwargs["BK"])]
+        keep = [min(configs, key=lambda cfg: _tile_volume(cfg.kwargs))]
     return keep
 
 
@@ -312,7 +317,8 @@ def pw_fwd(
         return
     n, cin, h, w = x.shape
     cout = weight.shape[0]
-    weight = weight.reshape(cout, cin).contiguous()
+    weight, x = weight.reshape(cout, cin).contiguous(), dense(x)
+    scale, shift = scale.contiguous(), shift.contiguous()
     nb, p, (x_s, y_s) = gemm_geometry([x, out])
 
     def grid(meta):
@@ -362,7 +368,7 @@ def pw_fwd_stats(
         mean_out.zero_()
         var_out.zero_()
         return
-    weight = weight.reshape(cout, cin).contiguous()
+    weight, x = weight.reshape(cout, cin).contiguous(), dense(x)
     nb, p, (x_s, z_s) = gemm_geometry([x, z_out])
     bm = stats_block_m(nb * p)
     q = nb * triton.cdiv(p, bm)
