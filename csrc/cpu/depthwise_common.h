@@ -6,6 +6,7 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/from_blob.h>
 
 #include <algorithm>
 #include <cstring>
@@ -499,6 +500,78 @@ inline int64_t nhwc_rows_per_chunk(int64_t Wo, int64_t C) {
   const int64_t by_len = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo));
   return std::max<int64_t>(1, std::min(by_work, by_len));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pointwise (1x1 conv = GEMM) helpers.
+
+struct PwShape {
+  int64_t N, Cin, Cout, H, W, HW;
+  bool nhwc;
+};
+
+inline PwShape check_pw_input(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu(op, "x", x);
+  check_float_dtype(op, "x", x);
+  const bool nhwc = is_nhwc(op, "x", x);
+  check_cpu(op, "weight", weight);
+  check_same(op, "weight", weight, x, "x");
+  const int64_t Cin = x.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && weight.size(0) >= 1, "dwsep::", op,
+              ": weight must be (Cout, Cin) with Cin=", Cin, " and Cout >= 1, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "dwsep::", op, ": weight must be contiguous, got strides ",
+              weight.strides());
+  PwShape s;
+  s.N = x.size(0);
+  s.Cin = Cin;
+  s.Cout = weight.size(0);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.HW = s.H * s.W;
+  s.nhwc = nhwc;
+  return s;
+}
+
+// A CPU tensor over existing memory (no ownership, never requires grad), for the GEMM calls made
+// from inside parallel regions.
+template <typename Acc>
+inline at::Tensor blob(const Acc* p, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::from_blob(const_cast<Acc*>(p), sizes, strides,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
+}
+
+// Fixed pixel blocks of a pointwise layer (independent of the thread count). NHWC: blocks of
+// `bs` rows of the (N*HW, C) matrix. NCHW: blocks of `bs` pixels of one image's (C, HW) matrix.
+// The GEMM of a block and its epilogue run while the block is in L2.
+struct PwBlocks {
+  bool nhwc;
+  int64_t HW, M, bs, per_img, count;
+  struct Block {
+    int64_t n, p0, len;  // NHWC: n = 0 and p0 = first row of the (N*HW, C) matrix
+  };
+
+  explicit PwBlocks(const PwShape& s) : nhwc(s.nhwc), HW(s.HW) {
+    // ~256 KB of fp32 on the wider side of a block.
+    const int64_t wide = std::max(s.Cin, s.Cout);
+    bs = std::max<int64_t>(16, round_up(std::max<int64_t>(1, 65536 / wide), 16));
+    if (nhwc) {
+      M = s.N * s.HW;
+      per_img = 0;
+      count = ceil_div(M, bs);
+    } else {
+      M = s.HW;
+      if (s.HW <= bs + bs / 2) bs = s.HW;
+      per_img = ceil_div(s.HW, bs);
+      count = s.N * per_img;
+    }
+  }
+
+  Block get(int64_t b) const {
+    if (nhwc) return {0, b * bs, std::min(bs, M - b * bs)};
+    const int64_t n = b / per_img, p0 = (b % per_img) * bs;
+    return {n, p0, std::min(bs, HW - p0)};
+  }
+};
 
 }  // namespace cpu
 }  // namespace dwsep
