@@ -1,0 +1,537 @@
+// CPU kernels for the depthwise backward:
+//   dwsep::dw_bwd_reduce: per-channel sum(g_z) and sum(g_z * xhat), z = conv(x) recomputed.
+//   dwsep::dw_bwd: g_conv = k*g_z (+ b*conv(x) + c), grad_x = transposed depthwise conv of g_conv
+//                  (stride 1 and 2), grad_weight = sum of g_conv (x) x-patches.
+//
+// Everything is deterministic whatever the thread count: reductions go through fixed chunks
+// (NHWC: groups of output rows; NCHW: planes) with Acc partials, then a fixed-order reduction in
+// double. NHWC materializes g_conv once in an Acc buffer with a zero border (the weight-gradient
+// taps are accumulated while the row is hot, grad_x then gathers from the buffer); NCHW keeps
+// one zero-padded g_conv plane per task in cache.
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+
+#include "cpu/depthwise_common.h"
+
+namespace dwsep {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// dw_bwd_reduce
+
+template <typename T, int S, int kAct>
+void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
+                        const at::Tensor& mean, const at::Tensor& invstd, double* out1,
+                        double* out2, const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const int64_t C = s.C, Cp = round_up(C, kV);
+  const auto wt = dw_weight_taps<T>(weight, C, Cp);
+  const auto mu = padded_vec<Acc>(mean, Cp);
+  const auto is = padded_vec<Acc>(invstd, Cp);
+  const int64_t rows = s.N * s.Ho;
+  const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
+  const int64_t nchunks = ceil_div(rows, G);
+  const int64_t WB = nhwc_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  std::vector<Acc> p1(nchunks * Cp), p2(nchunks * Cp);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    NhwcRows<T, S> ring(x, s);
+    for (int64_t k = cb; k < ce; ++k) {
+      Acc* k1 = p1.data() + k * Cp;
+      Acc* k2 = p2.data() + k * Cp;
+      std::fill(k1, k1 + Cp, Acc(0));
+      std::fill(k2, k2 + Cp, Acc(0));
+      for (int64_t r = k * G; r < std::min(rows, (k + 1) * G); ++r) {
+        const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+        const T* gr = gy + r * s.Wo * C;
+        const T* yr = y + r * s.Wo * C;
+        for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+          const int64_t wb = std::min(s.Wo, wa + WB);
+          for (int64_t c0 = 0; c0 < C; c0 += kV) {
+            const int64_t cnt = std::min(kV, C - c0);
+            Vec w[9];
+            for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+            const Vec m = Vec::loadu(mu.data() + c0), iv = Vec::loadu(is.data() + c0);
+            Vec a1 = Vec::loadu(k1 + c0), a2 = Vec::loadu(k2 + c0);
+            for (int64_t wo = wa; wo < wb; ++wo) {
+              const int64_t o = wo * C + c0;
+              // Padded lanes load grad_y = 0, so g_z = 0 there.
+              const Vec gz = cnt == kV
+                                 ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
+                                 : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
+              a1 = a1 + gz;
+              a2 = at::vec::fmadd(gz, (cv.z(wo, c0, w) - m) * iv, a2);
+            }
+            a1.store(k1 + c0);
+            a2.store(k2 + c0);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t k = 0; k < nchunks; ++k) {
+      s1 += static_cast<double>(p1[k * Cp + c]);
+      s2 += static_cast<double>(p2[k * Cp + c]);
+    }
+    out1[c] = s1;
+    out2[c] = s2;
+  }
+}
+
+template <typename T, int S, int kAct>
+void dw_bwd_reduce_nchw(const T* gy, const T* y, const T* x, const at::Tensor& weight,
+                        const at::Tensor& mean, const at::Tensor& invstd, double* out1,
+                        double* out2, const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const T* wp = weight.const_data_ptr<T>();
+  const Acc* mup = mean.const_data_ptr<Acc>();
+  const Acc* isp = invstd.const_data_ptr<Acc>();
+  const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
+  const int64_t R = std::max<int64_t>(1, 4096 / s.Wo);  // rows per Acc accumulation block
+  std::vector<double> p1(s.N * s.C), p2(s.N * s.C);
+  at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+    PlaneRows<T, S> rows(s.H, s.W);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % s.C;
+      rows.reset(x + p * HW);
+      Vec w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+      const Vec m(mup[c]), iv(isp[c]);
+      const T* gp = gy + p * HWo;
+      const T* yp = y + p * HWo;
+      double d1 = 0, d2 = 0;
+      for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
+        Vec a1(0), a2(0);
+        for (int64_t ho = h0; ho < std::min(s.Ho, h0 + R); ++ho) {
+          const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
+          const T* gr = gp + ho * s.Wo;
+          const T* yr = yp + ho * s.Wo;
+          int64_t wo = 0;
+          for (; wo + kV <= s.Wo; wo += kV) {
+            const Vec z = nchw_conv<S>(r, wo, w, rows.half());
+            const Vec gz = act_grad<kAct>(IO::load(gr + wo), IO::load(yr + wo));
+            a1 = a1 + gz;
+            a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
+          }
+          if (wo < s.Wo) {  // lanes past Wo load grad_y = 0, so g_z = 0 there
+            const Vec z = nchw_conv<S>(r, wo, w, rows.half());
+            const Vec gz =
+                act_grad<kAct>(IO::load(gr + wo, s.Wo - wo), IO::load(yr + wo, s.Wo - wo));
+            a1 = a1 + gz;
+            a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
+          }
+        }
+        d1 += hsum(a1);
+        d2 += hsum(a2);
+      }
+      p1[p] = d1;
+      p2[p] = d2;
+    }
+  });
+  for (int64_t c = 0; c < s.C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      s1 += p1[n * s.C + c];
+      s2 += p2[n * s.C + c];
+    }
+    out1[c] = s1;
+    out2[c] = s2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dw_bwd, NHWC
+
+template <typename T, int S, int kAct>
+void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
+                 const at::Tensor& kt, const at::Tensor& bt, const at::Tensor& ct, bool use_z,
+                 T* gx, double* gw, const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const int64_t C = s.C, Cp = round_up(C, kV);
+  const auto wt = dw_weight_taps<T>(weight, C, Cp);
+  const auto kk = padded_vec<Acc>(kt, Cp);
+  const auto bb = padded_vec<Acc>(bt, Cp);
+  const auto cc = padded_vec<Acc>(ct, Cp);
+  const int64_t Hp = s.Ho + 2, Wp = s.Wo + 2;
+  // g_conv with a zero border: gbuf[n][ho+1][wo+1][c], pixel stride P, row stride RW (lanes
+  // C..Cp hold 0).
+  const int64_t P = pixel_stride<Acc>(C), RW = pad_stride<Acc>(Wp * P);
+  at::Tensor gbuf_t =
+      at::empty({s.N * Hp * RW}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
+  Acc* gbuf = gbuf_t.mutable_data_ptr<Acc>();
+  const int64_t rows = s.N * s.Ho;
+  const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
+  const int64_t nchunks = ceil_div(rows, G);
+  const int64_t WB = nhwc_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  std::vector<Acc> pw(nchunks * 9 * Cp);
+
+  // Pass 1: g_conv rows and the per-chunk weight-gradient partials.
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    NhwcRows<T, S> ring(x, s);
+    for (int64_t k = cb; k < ce; ++k) {
+      Acc* kw = pw.data() + k * 9 * Cp;
+      std::fill(kw, kw + 9 * Cp, Acc(0));
+      for (int64_t r = k * G; r < std::min(rows, (k + 1) * G); ++r) {
+        const int64_t n = r / s.Ho, ho = r % s.Ho;
+        Acc* img = gbuf + n * Hp * RW;
+        Acc* grow = img + (ho + 1) * RW;
+        if (ho == 0) std::fill(img, img + RW, Acc(0));
+        if (ho == s.Ho - 1) std::fill(img + (s.Ho + 1) * RW, img + Hp * RW, Acc(0));
+        std::fill(grow, grow + P, Acc(0));
+        std::fill(grow + (Wp - 1) * P, grow + Wp * P, Acc(0));
+        const auto cv = ring.taps(n, ho);
+        const T* gr = gy + r * s.Wo * C;
+        const T* yr = y + r * s.Wo * C;
+        for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+          const int64_t wb = std::min(s.Wo, wa + WB);
+          for (int64_t c0 = 0; c0 < C; c0 += kV) {
+            const int64_t cnt = std::min(kV, C - c0);
+            // g_conv; padded lanes get k = b = c = 0 and g_z = 0, so they hold 0.
+            const Vec kv = Vec::loadu(kk.data() + c0);
+            auto gz_at = [&](int64_t wo) {
+              const int64_t o = wo * C + c0;
+              return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
+                               : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
+            };
+            if (use_z) {
+              Vec w[9];
+              for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+              const Vec bv = Vec::loadu(bb.data() + c0), cvv = Vec::loadu(cc.data() + c0);
+              for (int64_t wo = wa; wo < wb; ++wo) {
+                const Vec g =
+                    at::vec::fmadd(kv, gz_at(wo), at::vec::fmadd(bv, cv.z(wo, c0, w), cvv));
+                g.store(grow + (wo + 1) * P + c0);
+              }
+            } else {
+              for (int64_t wo = wa; wo < wb; ++wo) (kv * gz_at(wo)).store(grow + (wo + 1) * P + c0);
+            }
+            Vec acc[9];
+            for (int t = 0; t < 9; ++t) acc[t] = Vec::loadu(kw + t * Cp + c0);
+            for (int64_t wo = wa; wo < wb; ++wo)
+              cv.wgrad(wo, c0, Vec::loadu(grow + (wo + 1) * P + c0), acc);
+            for (int t = 0; t < 9; ++t) acc[t].store(kw + t * Cp + c0);
+          }
+        }
+      }
+    }
+  });
+
+  // Pass 2: grad_x[n, h, w] gathers the g_conv entries that touched it.
+  at::parallel_for(0, s.N * s.H, grain_for(s.W * C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / s.H, h = r % s.H;
+      const Acc* img = gbuf + n * Hp * RW;
+      // (buffer row, kernel row) pairs that reach input row h.
+      const Acc* gr[3];
+      int ki[3];
+      int nr = 0;
+      if constexpr (S == 1) {
+        for (int i = 0; i < 3; ++i) {
+          gr[nr] = img + (h + 2 - i) * RW;
+          ki[nr++] = i;
+        }
+      } else if (h % 2 == 0) {
+        gr[nr] = img + (h / 2 + 1) * RW;
+        ki[nr++] = 1;
+      } else {
+        gr[nr] = img + ((h + 1) / 2 + 1) * RW;
+        ki[nr++] = 0;
+        gr[nr] = img + ((h - 1) / 2 + 1) * RW;
+        ki[nr++] = 2;
+      }
+      T* xr = gx + r * s.W * C;
+      for (int64_t c0 = 0; c0 < C; c0 += kV) {
+        const int64_t cnt = std::min(kV, C - c0);
+        Vec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+        auto put = [&](int64_t col, const Vec& v) {
+          if (cnt == kV) {
+            IO::store(xr + col * C + c0, v);
+          } else {
+            IO::store(xr + col * C + c0, v, cnt);
+          }
+        };
+        for (int64_t col = 0; col < s.W; ++col) {
+          Vec v(0);
+          for (int q = 0; q < nr; ++q) {
+            const Acc* g = gr[q] + c0;
+            const Vec* wr = w + 3 * ki[q];
+            if constexpr (S == 1) {
+              v = at::vec::fmadd(Vec::loadu(g + (col + 2) * P), wr[0], v);
+              v = at::vec::fmadd(Vec::loadu(g + (col + 1) * P), wr[1], v);
+              v = at::vec::fmadd(Vec::loadu(g + col * P), wr[2], v);
+            } else if (col % 2 == 0) {
+              v = at::vec::fmadd(Vec::loadu(g + (col / 2 + 1) * P), wr[1], v);
+            } else {
+              v = at::vec::fmadd(Vec::loadu(g + ((col + 1) / 2 + 1) * P), wr[0], v);
+              v = at::vec::fmadd(Vec::loadu(g + ((col - 1) / 2 + 1) * P), wr[2], v);
+            }
+          }
+          put(col, v);
+        }
+      }
+    }
+  });
+
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < 9; ++t) {
+      double acc = 0;
+      for (int64_t k = 0; k < nchunks; ++k) acc += static_cast<double>(pw[(k * 9 + t) * Cp + c]);
+      gw[c * 9 + t] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dw_bwd, NCHW
+
+template <typename T, int S, int kAct>
+void dw_bwd_nchw(const T* gy, const T* y, const T* x, const at::Tensor& weight,
+                 const at::Tensor& kt, const at::Tensor& bt, const at::Tensor& ct, bool use_z,
+                 T* gx, double* gw, const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const T* wp = weight.const_data_ptr<T>();
+  const Acc* kp = kt.const_data_ptr<Acc>();
+  const Acc* bp = bt.const_data_ptr<Acc>();
+  const Acc* cp = ct.const_data_ptr<Acc>();
+  const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
+  const int64_t R = std::max<int64_t>(1, 4096 / s.Wo);  // rows per Acc accumulation block
+  // Padded g_conv plane: row ho+1 holds g_conv[ho] at columns 1..Wo; everything else is 0.
+  const int64_t Lg = s.Wo + 2 + 2 * kV;
+  std::vector<double> pw(s.N * s.C * 9);
+  at::parallel_for(0, s.N * s.C, grain_for(HWo + HW), [&](int64_t begin, int64_t end) {
+    PlaneRows<T, S> rows(s.H, s.W);
+    std::vector<Acc> gpad((s.Ho + 2) * Lg, Acc(0));
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % s.C;
+      rows.reset(x + p * HW);
+      Vec w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+      const Vec kv(kp[c]), bv(bp[c]), cv(cp[c]);
+      const T* gp = gy + p * HWo;
+      const T* yp = y + p * HWo;
+      double dw[9] = {};
+      for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
+        Vec acc[9];
+        for (int t = 0; t < 9; ++t) acc[t] = Vec(0);
+        for (int64_t ho = h0; ho < std::min(s.Ho, h0 + R); ++ho) {
+          const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
+          const T* gr = gp + ho * s.Wo;
+          const T* yr = yp + ho * s.Wo;
+          Acc* grow = gpad.data() + (ho + 1) * Lg + 1;
+          for (int64_t wo = 0; wo < s.Wo; wo += kV) {
+            const int64_t cnt = std::min(kV, s.Wo - wo);
+            const Vec gz = cnt == kV
+                               ? act_grad<kAct>(IO::load(gr + wo), IO::load(yr + wo))
+                               : act_grad<kAct>(IO::load(gr + wo, cnt), IO::load(yr + wo, cnt));
+            Vec g = kv * gz;
+            if (use_z) g = at::vec::fmadd(bv, nchw_conv<S>(r, wo, w, rows.half()), g + cv);
+            g.store(grow + wo, cnt);  // lanes past Wo stay 0
+          }
+          for (int64_t wo = 0; wo < s.Wo; wo += kV) {
+            const Vec g = Vec::loadu(grow + wo);
+            for (int i = 0; i < 3; ++i) {
+              const Acc* xi = r[i] + wo;
+              if constexpr (S == 1) {
+                acc[3 * i] = at::vec::fmadd(g, Vec::loadu(xi), acc[3 * i]);
+                acc[3 * i + 1] = at::vec::fmadd(g, Vec::loadu(xi + 1), acc[3 * i + 1]);
+                acc[3 * i + 2] = at::vec::fmadd(g, Vec::loadu(xi + 2), acc[3 * i + 2]);
+              } else {
+                acc[3 * i] = at::vec::fmadd(g, Vec::loadu(xi), acc[3 * i]);
+                acc[3 * i + 1] = at::vec::fmadd(g, Vec::loadu(xi + rows.half()), acc[3 * i + 1]);
+                acc[3 * i + 2] = at::vec::fmadd(g, Vec::loadu(xi + 1), acc[3 * i + 2]);
+              }
+            }
+          }
+        }
+        for (int t = 0; t < 9; ++t) dw[t] += hsum(acc[t]);
+      }
+      for (int t = 0; t < 9; ++t) pw[p * 9 + t] = dw[t];
+
+      // grad_x of the plane from the padded g_conv plane.
+      T* xp = gx + p * HW;
+      for (int64_t h = 0; h < s.H; ++h) {
+        T* xr = xp + h * s.W;
+        if constexpr (S == 1) {
+          // grad_x[h][w] = sum_ij w_ij * gpad[h+2-i][w+2-j]
+          for (int64_t col = 0; col < s.W; col += kV) {
+            Vec v(0);
+            for (int i = 0; i < 3; ++i) {
+              const Acc* g = gpad.data() + (h + 2 - i) * Lg + col;
+              v = at::vec::fmadd(Vec::loadu(g + 2), w[3 * i], v);
+              v = at::vec::fmadd(Vec::loadu(g + 1), w[3 * i + 1], v);
+              v = at::vec::fmadd(Vec::loadu(g), w[3 * i + 2], v);
+            }
+            const int64_t cnt = std::min(kV, s.W - col);
+            if (cnt == kV) {
+              IO::store(xr + col, v);
+            } else {
+              IO::store(xr + col, v, cnt);
+            }
+          }
+        } else {
+          // Even columns 2m take tap j=1 of g_conv column m; odd columns 2m+1 take j=0 of
+          // column m+1 and j=2 of column m. Rows likewise by the parity of h.
+          const Acc* gr[2];
+          int ki[2];
+          int nr = 0;
+          if (h % 2 == 0) {
+            gr[nr] = gpad.data() + (h / 2 + 1) * Lg;
+            ki[nr++] = 1;
+          } else {
+            gr[nr] = gpad.data() + ((h + 1) / 2 + 1) * Lg;
+            ki[nr++] = 0;
+            gr[nr] = gpad.data() + ((h - 1) / 2 + 1) * Lg;
+            ki[nr++] = 2;
+          }
+          for (int64_t m = 0; 2 * m < s.W; m += kV) {
+            Vec ev(0), od(0);
+            for (int q = 0; q < nr; ++q) {
+              const Acc* g = gr[q] + m;
+              const Vec* wr = w + 3 * ki[q];
+              const Vec g1 = Vec::loadu(g + 1);
+              ev = at::vec::fmadd(g1, wr[1], ev);
+              od = at::vec::fmadd(Vec::loadu(g + 2), wr[0], at::vec::fmadd(g1, wr[2], od));
+            }
+            const auto lohi = at::vec::interleave2(ev, od);
+            const int64_t col = 2 * m;
+            const int64_t cnt = std::min(2 * kV, s.W - col);
+            if (cnt == 2 * kV) {
+              IO::store(xr + col, lohi.first);
+              IO::store(xr + col + kV, lohi.second);
+            } else if (cnt > kV) {
+              IO::store(xr + col, lohi.first);
+              IO::store(xr + col + kV, lohi.second, cnt - kV);
+            } else {
+              IO::store(xr + col, lohi.first, cnt);
+            }
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < s.C; ++c)
+    for (int t = 0; t < 9; ++t) {
+      double acc = 0;
+      for (int64_t n = 0; n < s.N; ++n) acc += pw[(n * s.C + c) * 9 + t];
+      gw[c * 9 + t] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Glue
+
+std::tuple<at::Tensor, at::Tensor> dw_bwd_reduce_cpu(const at::Tensor& grad_y, const at::Tensor& y,
+                                                     const at::Tensor& x, const at::Tensor& weight,
+                                                     const at::Tensor& mean,
+                                                     const at::Tensor& invstd, int64_t stride,
+                                                     int64_t act) {
+  constexpr const char* op = "dw_bwd_reduce";
+  const DwShape s = check_dw_input(op, x, weight, stride);
+  check_act(op, act);
+  const std::vector<int64_t> ysz{s.N, s.C, s.Ho, s.Wo};
+  check_like(op, "grad_y", grad_y, x, "x", ysz, s.nhwc);
+  check_like(op, "y", y, x, "x", ysz, s.nhwc);
+  check_channel_vec(op, "mean", mean, s.C, x);
+  check_channel_vec(op, "invstd", invstd, s.C, x);
+  const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor sum_gz = new_output({s.C}, vopts);
+  at::Tensor sum_gzxh = new_output({s.C}, vopts);
+  if (s.N * s.Ho * s.Wo == 0) {
+    sum_gz.zero_();
+    sum_gzxh.zero_();
+    return {sum_gz, sum_gzxh};
+  }
+  std::vector<double> a(s.C), b(s.C);
+  DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_dw_bwd_reduce_cpu", [&] {
+    const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    dispatch_stride(stride, [&](auto S) {
+      dispatch_act(act, [&](auto A) {
+        constexpr int kS = decltype(S)::value, kA = decltype(A)::value;
+        if (s.nhwc) {
+          dw_bwd_reduce_nhwc<scalar_t, kS, kA>(gp, yp, xp, weight, mean, invstd, a.data(), b.data(),
+                                               s);
+        } else {
+          dw_bwd_reduce_nchw<scalar_t, kS, kA>(gp, yp, xp, weight, mean, invstd, a.data(), b.data(),
+                                               s);
+        }
+      });
+    });
+    using Acc = typename AccOf<scalar_t>::type;
+    Acc* ap = sum_gz.mutable_data_ptr<Acc>();
+    Acc* bp = sum_gzxh.mutable_data_ptr<Acc>();
+    for (int64_t c = 0; c < s.C; ++c) {
+      ap[c] = static_cast<Acc>(a[c]);
+      bp[c] = static_cast<Acc>(b[c]);
+    }
+  });
+  return {sum_gz, sum_gzxh};
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& y,
+                                              const at::Tensor& x, const at::Tensor& weight,
+                                              const at::Tensor& k, const at::Tensor& b,
+                                              const at::Tensor& c, int64_t stride, int64_t act,
+                                              bool use_z) {
+  constexpr const char* op = "dw_bwd";
+  const DwShape s = check_dw_input(op, x, weight, stride);
+  check_act(op, act);
+  const std::vector<int64_t> ysz{s.N, s.C, s.Ho, s.Wo};
+  check_like(op, "grad_y", grad_y, x, "x", ysz, s.nhwc);
+  check_like(op, "y", y, x, "x", ysz, s.nhwc);
+  check_channel_vec(op, "k", k, s.C, x);
+  check_channel_vec(op, "b", b, s.C, x);
+  check_channel_vec(op, "c", c, s.C, x);
+  at::Tensor grad_x = new_output(x.sizes(), x.options(), memory_format(s.nhwc));
+  at::Tensor grad_w = new_output(weight.sizes(), weight.options());
+  if (x.numel() == 0) {
+    grad_w.zero_();
+    return {grad_x, grad_w};
+  }
+  std::vector<double> gw(s.C * 9);
+  DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_dw_bwd_cpu", [&] {
+    const scalar_t* gp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* gxp = grad_x.mutable_data_ptr<scalar_t>();
+    dispatch_stride(stride, [&](auto S) {
+      dispatch_act(act, [&](auto A) {
+        constexpr int kS = decltype(S)::value, kA = decltype(A)::value;
+        if (s.nhwc) {
+          dw_bwd_nhwc<scalar_t, kS, kA>(gp, yp, xp, weight, k, b, c, use_z, gxp, gw.data(), s);
+        } else {
+          dw_bwd_nchw<scalar_t, kS, kA>(gp, yp, xp, weight, k, b, c, use_z, gxp, gw.data(), s);
+        }
+      });
+    });
+    scalar_t* gwp = grad_w.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < s.C * 9; ++i) gwp[i] = static_cast<scalar_t>(gw[i]);
+  });
+  return {grad_x, grad_w};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(dwsep, CPU, m) {
+  m.impl("dw_bwd_reduce", &cpu::dw_bwd_reduce_cpu);
+  m.impl("dw_bwd", &cpu::dw_bwd_cpu);
+}
+
+}  // namespace dwsep

@@ -1,0 +1,577 @@
+// Pieces shared by the CPU depthwise and pointwise kernels: vector load/store with dtype
+// conversion, activation helpers, compile-time dispatch, fixed (thread-count independent)
+// chunking, moment merging, the glue checks, and the two 3x3 conv cores (NHWC: vectors over C;
+// NCHW: vectors along W over zero-padded row buffers).
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/from_blob.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+
+namespace dwsep {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------------------------------------
+// Vector I/O: T storage, Acc (fp32, or fp64 for fp64) arithmetic. Vectors hold kV Acc lanes.
+
+template <typename T>
+struct VecIO {
+  using Acc = typename AccOf<T>::type;
+  using Vec = Vectorized<Acc>;
+  static constexpr int64_t kV = Vec::size();
+
+  static inline Vec load(const T* p) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return Vec::loadu(p);
+    } else if constexpr (std::is_same_v<T, at::Half>) {
+      Vec v;
+      at::vec::load_fp32_from_fp16(p, v);
+      return v;
+    } else {
+      Vec v;
+      at::vec::load_fp32_from_bf16(p, v);
+      return v;
+    }
+  }
+  // First n lanes from p, the rest zero.
+  static inline Vec load(const T* p, int64_t n) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      return Vec::loadu(p, n);
+    } else {
+      Acc tmp[kV] = {};
+      for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<Acc>(p[i]);
+      return Vec::loadu(tmp);
+    }
+  }
+  static inline void store(T* p, const Vec& v) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      v.store(p);
+    } else {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+      if constexpr (std::is_same_v<T, at::Half>) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_fp16(__m256(v)));
+      } else {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+      }
+#else
+      at::vec::convert_from_float<T>(v, v).store(p, kV);
+#endif
+    }
+  }
+  // First n lanes of v to p.
+  static inline void store(T* p, const Vec& v, int64_t n) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      v.store(p, n);
+    } else {
+      Acc tmp[kV];
+      v.store(tmp);
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
+    }
+  }
+};
+
+// dst[0, n) = src[0, n) converted to Acc.
+// (Explicit vector loops rather than memcpy: glibc's `rep movsb` path for mid-sized copies is
+// several times slower than this on the AMD hosts measured.)
+template <typename T>
+inline void convert_to_acc(const T* src, typename AccOf<T>::type* dst, int64_t n) {
+  using IO = VecIO<T>;
+  int64_t i = 0;
+  for (; i + IO::kV <= n; i += IO::kV) IO::load(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = static_cast<typename AccOf<T>::type>(src[i]);
+}
+
+// dst[0, n) = src[0, n) rounded to T.
+template <typename T>
+inline void convert_from_acc(const typename AccOf<T>::type* src, T* dst, int64_t n) {
+  using IO = VecIO<T>;
+  int64_t i = 0;
+  for (; i + IO::kV <= n; i += IO::kV) IO::store(dst + i, IO::Vec::loadu(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Sum of the lanes, in lane order, in double.
+template <typename Acc>
+inline double hsum(const Vectorized<Acc>& v) {
+  Acc tmp[Vectorized<Acc>::size()];
+  v.store(tmp);
+  double s = 0;
+  for (int64_t i = 0; i < Vectorized<Acc>::size(); ++i) s += static_cast<double>(tmp[i]);
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations (kAct is a compile-time act code).
+
+template <int kAct, typename Vec>
+inline Vec act_vec(const Vec& v) {
+  if constexpr (kAct == kActRelu) {
+    return at::vec::maximum(v, Vec(0));
+  } else if constexpr (kAct == kActRelu6) {
+    return at::vec::minimum(at::vec::maximum(v, Vec(0)), Vec(6));
+  } else {
+    return v;
+  }
+}
+
+// g where the activation passes gradient (judged from its input or output), else 0.
+// NaN passes, as in act_pass().
+template <int kAct, typename Vec>
+inline Vec act_grad(const Vec& g, const Vec& v) {
+  if constexpr (kAct == kActRelu) {
+    return Vec::blendv(g, Vec(0), v <= Vec(0));
+  } else if constexpr (kAct == kActRelu6) {
+    return Vec::blendv(g, Vec(0), (v <= Vec(0)) | (v >= Vec(6)));
+  } else {
+    return g;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run-time values to template arguments, one switch each.
+
+template <class F>
+inline void dispatch_act(int64_t act, F&& f) {
+  switch (act) {
+    case kActRelu:
+      f(std::integral_constant<int, kActRelu>{});
+      break;
+    case kActRelu6:
+      f(std::integral_constant<int, kActRelu6>{});
+      break;
+    default:
+      f(std::integral_constant<int, kActNone>{});
+      break;
+  }
+}
+
+template <class F>
+inline void dispatch_stride(int64_t stride, F&& f) {
+  if (stride == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+inline int64_t round_up(int64_t a, int64_t b) {
+  return ceil_div(a, b) * b;
+}
+
+// Grain (work items per task) so that a task does at least ~`target` elements of work.
+inline int64_t grain_for(int64_t work_per_item, int64_t target = 32768) {
+  return std::max<int64_t>(1, target / std::max<int64_t>(1, work_per_item));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Moments (count, mean, M2) merged with Chan et al.'s formula, in double.
+
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mean_b, double m2_b) {
+    if (nb <= 0) return;
+    const double tot = n + nb;
+    const double d = mean_b - mean;
+    mean += d * (nb / tot);
+    m2 += m2_b + d * d * (n * nb / tot);
+    n = tot;
+  }
+  double var() const { return n > 0 ? m2 / n : 0.0; }
+};
+
+// The same merge on vectors of per-channel moments (counts are common to all lanes).
+template <typename Vec>
+inline void chan_merge(Vec& mean_a, Vec& m2_a, double na, const Vec& mean_b, const Vec& m2_b,
+                       double nb) {
+  using Acc = typename Vec::value_type;
+  const double tot = na + nb;
+  const Vec d = mean_b - mean_a;
+  mean_a = at::vec::fmadd(d, Vec(static_cast<Acc>(nb / tot)), mean_a);
+  m2_a = at::vec::fmadd(d * d, Vec(static_cast<Acc>(na * nb / tot)), m2_a + m2_b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise glue checks.
+
+struct DwShape {
+  int64_t N, C, H, W, Ho, Wo;
+  bool nhwc;
+};
+
+inline int64_t dw_out_size(int64_t size, int64_t stride) {
+  return size <= 0 ? 0 : (size - 1) / stride + 1;
+}
+
+inline DwShape check_dw_input(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                              int64_t stride) {
+  check_cpu(op, "x", x);
+  check_float_dtype(op, "x", x);
+  const bool nhwc = is_nhwc(op, "x", x);
+  check_cpu(op, "weight", weight);
+  check_same(op, "weight", weight, x, "x");
+  const int64_t C = x.size(1);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == 1 &&
+                  weight.size(2) == 3 && weight.size(3) == 3,
+              "dwsep::", op, ": weight must be (C,1,3,3) with C=", C, ", got ", weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "dwsep::", op, ": weight must be contiguous, got strides ",
+              weight.strides());
+  TORCH_CHECK(stride == 1 || stride == 2, "dwsep::", op, ": stride must be 1 or 2, got ", stride);
+  DwShape s;
+  s.N = x.size(0);
+  s.C = C;
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.Ho = dw_out_size(s.H, stride);
+  s.Wo = dw_out_size(s.W, stride);
+  s.nhwc = nhwc;
+  return s;
+}
+
+// t must be a CPU tensor like `ref` (dtype), of the given sizes, dense in the layout `nhwc`.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                       const char* ref_name, at::IntArrayRef sizes, bool nhwc) {
+  check_cpu(op, name, t);
+  check_same(op, name, t, ref, ref_name);
+  TORCH_CHECK(t.sizes() == sizes, "dwsep::", op, ": ", name, " must have shape ", sizes, ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(memory_format(nhwc)), "dwsep::", op, ": ", name,
+              " must be contiguous in the ", nhwc ? "channels_last" : "NCHW", " layout of ",
+              ref_name, ", got strides ", t.strides());
+}
+
+// Per-channel vector copied to a zero-padded buffer of length round_up(C, kV).
+template <typename Acc>
+inline std::vector<Acc> padded_vec(const at::Tensor& v, int64_t Cp) {
+  std::vector<Acc> out(Cp, Acc(0));
+  const Acc* p = v.const_data_ptr<Acc>();
+  std::copy(p, p + v.numel(), out.begin());
+  return out;
+}
+
+// Depthwise weights (C,1,3,3) as Acc, transposed to [9][Cp] (zero-padded channels).
+template <typename T>
+inline std::vector<typename AccOf<T>::type> dw_weight_taps(const at::Tensor& weight, int64_t C,
+                                                           int64_t Cp) {
+  using Acc = typename AccOf<T>::type;
+  std::vector<Acc> wt(9 * Cp, Acc(0));
+  const T* w = weight.const_data_ptr<T>();
+  for (int64_t c = 0; c < C; ++c)
+    for (int t = 0; t < 9; ++t) wt[t * Cp + c] = static_cast<Acc>(w[c * 9 + t]);
+  return wt;
+}
+
+// Prefetch the cache lines of base[begin, end) (rw: 0 read, 1 write).
+template <int rw = 0, typename T>
+inline void prefetch_span(const T* base, int64_t begin, int64_t end) {
+  const char* p = reinterpret_cast<const char*>(base + begin);
+  const char* e = reinterpret_cast<const char*>(base + end);
+  for (; p < e; p += 64) __builtin_prefetch(p, rw, 3);
+}
+
+// Buffer strides (elements) that avoid 4 KiB aliasing: a stride that is a multiple of 512 bytes
+// (e.g. 1024 fp32 channels per pixel) puts all nine taps of an output in one L1 set, which was
+// measured 3x slower. Such strides get 64 bytes more.
+template <typename Acc>
+inline int64_t pad_stride(int64_t n) {
+  return (n * static_cast<int64_t>(sizeof(Acc))) % 512 == 0
+             ? n + 64 / static_cast<int64_t>(sizeof(Acc))
+             : n;
+}
+
+// Pixel stride of channel-vector buffers: C rounded up to whole vectors, then pad_stride.
+template <typename Acc>
+inline int64_t pixel_stride(int64_t C) {
+  return pad_stride<Acc>(round_up(C, Vectorized<Acc>::size()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// NHWC conv core. NhwcRows keeps the last three input rows of an image as zero-padded Acc rows
+// ((W+2) pixels x Cp channels; a ring keyed by row, each row converted once with one
+// sequential copy). NhwcTaps then reads full vectors with no border checks:
+// z[wo, c0:c0+kV] = sum_ij w_ij * row_i[wo*S+j, c0:c0+kV] (padded pixel index).
+
+template <typename Acc, int S>
+struct NhwcTaps {
+  using Vec = Vectorized<Acc>;
+  const Acc* rows[3];
+  int64_t P;  // pixel stride (elements)
+
+  inline Vec z(int64_t wo, int64_t c0, const Vec* w) const {
+    const int64_t off = wo * S * P + c0;
+    Vec a[3];
+    for (int i = 0; i < 3; ++i) {
+      const Acc* p = rows[i] + off;
+      a[i] = at::vec::fmadd(
+          Vec::loadu(p), w[3 * i],
+          at::vec::fmadd(Vec::loadu(p + P), w[3 * i + 1], Vec::loadu(p + 2 * P) * w[3 * i + 2]));
+    }
+    return a[0] + a[1] + a[2];
+  }
+
+  // acc[3i+j] += g * row_i[wo*S+j, c0:c0+kV]: the weight-gradient taps of output pixel wo.
+  inline void wgrad(int64_t wo, int64_t c0, const Vec& g, Vec* acc) const {
+    const int64_t off = wo * S * P + c0;
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j)
+        acc[3 * i + j] = at::vec::fmadd(g, Vec::loadu(rows[i] + off + j * P), acc[3 * i + j]);
+  }
+};
+
+template <typename T, int S>
+class NhwcRows {
+ public:
+  using Acc = typename AccOf<T>::type;
+  static constexpr int64_t kV = VecIO<T>::kV;
+
+  NhwcRows(const T* x, const DwShape& s) : x_(x), H_(s.H), W_(s.W), C_(s.C) {
+    P_ = pixel_stride<Acc>(s.C);
+    len_ = pad_stride<Acc>((s.W + 2) * P_);
+    buf_.assign(3 * len_, Acc(0));
+    for (auto& t : tag_) t = -1;
+  }
+
+  // Prefetch the input that output row ho of image n reads first (its rows not yet in the
+  // ring), the part that its output columns [wa, wb) need. Called one row ahead, tile by tile,
+  // so that the next row's copy streams from cache.
+  void prefetch(int64_t n, int64_t ho, int64_t wa, int64_t wb) const {
+    const int64_t b = std::max<int64_t>(0, wa * S - 1) * C_;
+    const int64_t e = std::min<int64_t>(W_, wb * S + 1) * C_;
+    for (int i = 0; i < S; ++i) {
+      const int64_t h = ho * S + 1 - i;
+      if (h >= 0 && h < H_) prefetch_span(x_ + (n * H_ + h) * W_ * C_, b, e);
+    }
+  }
+
+  // The three input rows of output row ho of image n.
+  NhwcTaps<Acc, S> taps(int64_t n, int64_t ho) {
+    NhwcTaps<Acc, S> t;
+    for (int i = 0; i < 3; ++i) t.rows[i] = get(n, ho * S - 1 + i);
+    t.P = P_;
+    return t;
+  }
+
+ private:
+  const Acc* get(int64_t n, int64_t h) {
+    const int64_t key = n * (H_ + 2) + h + 1;  // unique per (image, row), rows -1..H
+    const int64_t slot = ((h % 3) + 3) % 3;
+    Acc* dst = buf_.data() + slot * len_;
+    if (tag_[slot] != key) {
+      Acc* d = dst + P_;  // pixel 0 is the left zero pad
+      if (h < 0 || h >= H_) {
+        std::fill(d, d + W_ * P_, Acc(0));
+      } else {
+        const T* src = x_ + (n * H_ + h) * W_ * C_;
+        if (C_ == P_) {
+          convert_to_acc<T>(src, d, W_ * C_);
+        } else {  // padding lanes past C stay 0
+          for (int64_t w = 0; w < W_; ++w) convert_to_acc<T>(src + w * C_, d + w * P_, C_);
+        }
+      }
+      tag_[slot] = key;
+    }
+    return dst;
+  }
+
+  const T* x_;
+  int64_t H_, W_, C_, P_, len_;
+  int64_t tag_[3];
+  std::vector<Acc> buf_;
+};
+
+// NHWC rows are processed in column tiles of this many output pixels, so that the three input
+// rows of a tile stay in L1 while each channel block sweeps the tile with its taps in registers.
+inline int64_t nhwc_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
+  return std::max<int64_t>(4, 16384 / (3 * S * P * acc_bytes));
+}
+
+// ---------------------------------------------------------------------------------------------
+// NCHW conv core. PlaneRows keeps the last three input rows of one plane as zero-padded Acc
+// rows (a ring keyed by h mod 3, each row converted once). Stride 1: row r[p] = x[p-1], zero at
+// p = 0 and p > W. Stride 2: the padded row split into its even and odd entries, so that
+// z[wo] = w0*even[wo] + w1*odd[wo] + w2*even[wo+1] reads contiguous vectors.
+
+template <typename T, int S>
+class PlaneRows {
+ public:
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t kV = IO::kV;
+
+  PlaneRows(int64_t H, int64_t W) : H_(H), W_(W), Wo_(dw_out_size(W, S)) {
+    if constexpr (S == 1) {
+      half_ = 0;
+      len_ = W + 2 + 2 * kV;
+    } else {
+      half_ = Wo_ + 1 + kV;
+      len_ = 2 * half_;
+      scratch_.assign(2 * half_ + 2 * kV, Acc(0));
+    }
+    buf_.assign(3 * len_, Acc(0));
+  }
+
+  // Offset of the odd half in a stride-2 row.
+  int64_t half() const { return half_; }
+
+  void reset(const T* plane) {
+    plane_ = plane;
+    for (auto& t : tag_) t = std::numeric_limits<int64_t>::min();
+  }
+
+  const Acc* get(int64_t h) {
+    const int64_t slot = ((h % 3) + 3) % 3;
+    Acc* dst = buf_.data() + slot * len_;
+    if (tag_[slot] != h) {
+      fill(h, dst);
+      tag_[slot] = h;
+    }
+    return dst;
+  }
+
+ private:
+  void fill(int64_t h, Acc* dst) {
+    const bool inside = h >= 0 && h < H_;
+    if constexpr (S == 1) {
+      if (inside) {
+        convert_to_acc<T>(plane_ + h * W_, dst + 1, W_);
+      } else {
+        std::fill(dst + 1, dst + 1 + W_, Acc(0));
+      }
+    } else {
+      if (!inside) {
+        std::fill(dst, dst + len_, Acc(0));
+        return;
+      }
+      Acc* sc = scratch_.data();
+      convert_to_acc<T>(plane_ + h * W_, sc + 1, W_);
+      for (int64_t m = 0; m < Wo_ + 1; m += kV) {
+        auto eo = at::vec::deinterleave2(Vec::loadu(sc + 2 * m), Vec::loadu(sc + 2 * m + kV));
+        eo.first.store(dst + m);
+        eo.second.store(dst + half_ + m);
+      }
+    }
+  }
+
+  int64_t H_, W_, Wo_, half_, len_;
+  const T* plane_ = nullptr;
+  int64_t tag_[3];
+  std::vector<Acc> buf_, scratch_;
+};
+
+// z[wo0 : wo0+kV] of one output row from the three PlaneRows rows r[i] (w: 9 broadcast taps).
+template <int S, typename Acc>
+inline Vectorized<Acc> nchw_conv(const Acc* const* r, int64_t wo0, const Vectorized<Acc>* w,
+                                 int64_t half) {
+  using Vec = Vectorized<Acc>;
+  Vec a[3];
+  for (int i = 0; i < 3; ++i) {
+    const Acc* p = r[i] + wo0;
+    if constexpr (S == 1) {
+      a[i] = at::vec::fmadd(
+          Vec::loadu(p), w[3 * i],
+          at::vec::fmadd(Vec::loadu(p + 1), w[3 * i + 1], Vec::loadu(p + 2) * w[3 * i + 2]));
+    } else {
+      a[i] = at::vec::fmadd(
+          Vec::loadu(p), w[3 * i],
+          at::vec::fmadd(Vec::loadu(p + half), w[3 * i + 1], Vec::loadu(p + 1) * w[3 * i + 2]));
+    }
+  }
+  return a[0] + a[1] + a[2];
+}
+
+// Rows of each NHWC chunk for the deterministic reductions: ~32K elements of work per chunk,
+// at most 4096 pixels per chunk (bounds the fp32 accumulation length per lane).
+inline int64_t nhwc_rows_per_chunk(int64_t Wo, int64_t C) {
+  const int64_t by_work = ceil_div(32768, std::max<int64_t>(1, Wo * C));
+  const int64_t by_len = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo));
+  return std::max<int64_t>(1, std::min(by_work, by_len));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pointwise (1x1 conv = GEMM) helpers.
+
+struct PwShape {
+  int64_t N, Cin, Cout, H, W, HW;
+  bool nhwc;
+};
+
+inline PwShape check_pw_input(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  check_cpu(op, "x", x);
+  check_float_dtype(op, "x", x);
+  const bool nhwc = is_nhwc(op, "x", x);
+  check_cpu(op, "weight", weight);
+  check_same(op, "weight", weight, x, "x");
+  const int64_t Cin = x.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == Cin && weight.size(0) >= 1, "dwsep::", op,
+              ": weight must be (Cout, Cin) with Cin=", Cin, " and Cout >= 1, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.is_contiguous(), "dwsep::", op, ": weight must be contiguous, got strides ",
+              weight.strides());
+  PwShape s;
+  s.N = x.size(0);
+  s.Cin = Cin;
+  s.Cout = weight.size(0);
+  s.H = x.size(2);
+  s.W = x.size(3);
+  s.HW = s.H * s.W;
+  s.nhwc = nhwc;
+  return s;
+}
+
+// A CPU tensor over existing memory (no ownership, never requires grad), for the GEMM calls made
+// from inside parallel regions.
+template <typename Acc>
+inline at::Tensor blob(const Acc* p, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  return at::from_blob(const_cast<Acc*>(p), sizes, strides,
+                       at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
+}
+
+// Fixed pixel blocks of a pointwise layer (independent of the thread count). NHWC: blocks of
+// `bs` rows of the (N*HW, C) matrix. NCHW: blocks of `bs` pixels of one image's (C, HW) matrix.
+// The GEMM of a block and its epilogue run while the block is in L2.
+struct PwBlocks {
+  bool nhwc;
+  int64_t HW, M, bs, per_img, count;
+  struct Block {
+    int64_t n, p0, len;  // NHWC: n = 0 and p0 = first row of the (N*HW, C) matrix
+  };
+
+  explicit PwBlocks(const PwShape& s) : nhwc(s.nhwc), HW(s.HW) {
+    // ~256 KB of fp32 on the wider side of a block.
+    const int64_t wide = std::max(s.Cin, s.Cout);
+    bs = std::max<int64_t>(16, round_up(std::max<int64_t>(1, 65536 / wide), 16));
+    if (nhwc) {
+      M = s.N * s.HW;
+      per_img = 0;
+      count = ceil_div(M, bs);
+    } else {
+      M = s.HW;
+      if (s.HW <= bs + bs / 2) bs = s.HW;
+      per_img = ceil_div(s.HW, bs);
+      count = s.N * per_img;
+    }
+  }
+
+  Block get(int64_t b) const {
+    if (nhwc) return {0, b * bs, std::min(bs, M - b * bs)};
+    const int64_t n = b / per_img, p0 = (b % per_img) * bs;
+    return {n, p0, std::min(bs, HW - p0)};
+  }
+};
+
+}  // namespace cpu
+}  // namespace dwsep

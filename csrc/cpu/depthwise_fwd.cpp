@@ -1,0 +1,306 @@
+// CPU kernels for dwsep::dw_fwd (fused depthwise 3x3 conv + folded BN + activation) and
+// dwsep::dw_stats (per-channel batch mean / biased variance of the conv output).
+//
+// NHWC: parallel over output rows (n, ho); vectors over C with the 9 taps, scale and shift of a
+// channel block held in registers while the block sweeps the row. NCHW: parallel over planes
+// (n, c); vectors along W over zero-padded (stride 2: even/odd split) row buffers, each input
+// row converted once. Both read x once and write y once.
+//
+// dw_stats is deterministic whatever the thread count: fixed chunks (NHWC: groups of output
+// rows; NCHW: planes, in row blocks) each produce (count, mean, M2) from a two-pass over small
+// in-cache blocks, merged with Chan's formula in a fixed order, the final merge in double.
+#include <torch/library.h>
+
+#include "cpu/depthwise_common.h"
+
+namespace dwsep {
+namespace cpu {
+namespace {
+
+template <typename T, int S, int kAct>
+void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& scale,
+                 const at::Tensor& shift, const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const int64_t C = s.C, Cp = round_up(C, kV);
+  const auto wt = dw_weight_taps<T>(weight, C, Cp);
+  const auto sc = padded_vec<Acc>(scale, Cp);
+  const auto sh = padded_vec<Acc>(shift, Cp);
+  const int64_t P = pixel_stride<Acc>(C);
+  const int64_t WB = nhwc_col_tile(P, S, sizeof(Acc));
+  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
+    NhwcRows<T, S> ring(x, s);
+    // The outputs of a tile are staged in L1 and written out as one sequential run (channel
+    // blocks written straight to y would touch each pixel's cache lines once per block).
+    std::vector<Acc> tile(WB * P);
+    for (int64_t r = begin; r < end; ++r) {
+      const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+      T* yr = y + r * s.Wo * C;
+      const bool pf_next = r + 1 < end && (r + 1) % s.Ho != 0;
+      for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+        const int64_t wb = std::min(s.Wo, wa + WB);
+        if (pf_next) ring.prefetch((r + 1) / s.Ho, (r + 1) % s.Ho, wa, wb);
+        prefetch_span<1>(yr, wa * C, wb * C);
+        for (int64_t c0 = 0; c0 < C; c0 += kV) {
+          Vec w[9];
+          for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+          const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
+          for (int64_t wo = wa; wo < wb; ++wo)
+            act_vec<kAct>(at::vec::fmadd(cv.z(wo, c0, w), a, b))
+                .store(tile.data() + (wo - wa) * P + c0);
+        }
+        if (C == P) {
+          convert_from_acc<T>(tile.data(), yr + wa * C, (wb - wa) * C);
+        } else {
+          for (int64_t wo = wa; wo < wb; ++wo)
+            convert_from_acc<T>(tile.data() + (wo - wa) * P, yr + wo * C, C);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, int S, int kAct>
+void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& scale,
+                 const at::Tensor& shift, const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const T* wp = weight.const_data_ptr<T>();
+  const Acc* scp = scale.const_data_ptr<Acc>();
+  const Acc* shp = shift.const_data_ptr<Acc>();
+  const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
+  at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+    PlaneRows<T, S> rows(s.H, s.W);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % s.C;
+      rows.reset(x + p * HW);
+      Vec w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+      const Vec a(scp[c]), b(shp[c]);
+      T* yp = y + p * HWo;
+      for (int64_t ho = 0; ho < s.Ho; ++ho) {
+        const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
+        T* yr = yp + ho * s.Wo;
+        int64_t wo = 0;
+        for (; wo + kV <= s.Wo; wo += kV) {
+          const Vec z = nchw_conv<S>(r, wo, w, rows.half());
+          IO::store(yr + wo, act_vec<kAct>(at::vec::fmadd(z, a, b)));
+        }
+        if (wo < s.Wo) {
+          const Vec z = nchw_conv<S>(r, wo, w, rows.half());
+          IO::store(yr + wo, act_vec<kAct>(at::vec::fmadd(z, a, b)), s.Wo - wo);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// dw_stats
+
+template <typename T, int S>
+void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* var,
+                   const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const int64_t C = s.C, Cp = round_up(C, kV);
+  const auto wt = dw_weight_taps<T>(weight, C, Cp);
+  const int64_t rows = s.N * s.Ho;
+  const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
+  const int64_t nchunks = ceil_div(rows, G);
+  const int64_t WB = nhwc_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  // Per chunk: mean and M2 per channel (Acc); the count is known from the chunk's row range.
+  std::vector<Acc> cmean(nchunks * Cp), cm2(nchunks * Cp);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    NhwcRows<T, S> ring(x, s);
+    std::vector<Acc> zc(WB * kV);
+    for (int64_t k = cb; k < ce; ++k) {
+      Acc* km = cmean.data() + k * Cp;
+      Acc* k2 = cm2.data() + k * Cp;
+      std::fill(km, km + Cp, Acc(0));
+      std::fill(k2, k2 + Cp, Acc(0));
+      const int64_t r0 = k * G, r1 = std::min(rows, r0 + G);
+      for (int64_t r = r0; r < r1; ++r) {
+        const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+        for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+          const int64_t wb = std::min(s.Wo, wa + WB);
+          // (count, mean, M2) of the tile by two passes, merged into the chunk's moments.
+          // Padded channel lanes compute z = 0 and are never read back.
+          const double na = static_cast<double>((r - r0) * s.Wo + wa);
+          const double nb = static_cast<double>(wb - wa);
+          for (int64_t c0 = 0; c0 < C; c0 += kV) {
+            Vec w[9];
+            for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+            Vec sum(0);
+            for (int64_t wo = wa; wo < wb; ++wo) {
+              const Vec z = cv.z(wo, c0, w);
+              z.store(zc.data() + (wo - wa) * kV);
+              sum = sum + z;
+            }
+            const Vec mr = sum * Vec(static_cast<Acc>(1.0 / nb));
+            Vec m2r(0);
+            for (int64_t i = 0; i < wb - wa; ++i) {
+              const Vec d = Vec::loadu(zc.data() + i * kV) - mr;
+              m2r = at::vec::fmadd(d, d, m2r);
+            }
+            Vec ma = Vec::loadu(km + c0), m2a = Vec::loadu(k2 + c0);
+            chan_merge(ma, m2a, na, mr, m2r, nb);
+            ma.store(km + c0);
+            m2a.store(k2 + c0);
+          }
+        }
+      }
+    }
+  });
+  at::parallel_for(0, C, 64, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      Moments m;
+      for (int64_t k = 0; k < nchunks; ++k) {
+        const int64_t r0 = k * G, r1 = std::min(rows, r0 + G);
+        m.merge(static_cast<double>((r1 - r0) * s.Wo), cmean[k * Cp + c], cm2[k * Cp + c]);
+      }
+      mean[c] = m.mean;
+      var[c] = m.var();
+    }
+  });
+}
+
+template <typename T, int S>
+void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* var,
+                   const DwShape& s) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const T* wp = weight.const_data_ptr<T>();
+  const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
+  // Row blocks of at most ~4096 outputs: two-pass (mean, M2) in cache, then Chan merges.
+  const int64_t R = std::max<int64_t>(1, 4096 / s.Wo);
+  std::vector<double> pmean(s.N * s.C), pm2(s.N * s.C);
+  at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+    PlaneRows<T, S> rows(s.H, s.W);
+    std::vector<Acc> zb(R * s.Wo + kV);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % s.C;
+      rows.reset(x + p * HW);
+      Vec w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+      Moments m;
+      for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
+        const int64_t h1 = std::min(s.Ho, h0 + R);
+        const int64_t nb = (h1 - h0) * s.Wo;
+        for (int64_t ho = h0; ho < h1; ++ho) {
+          const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
+          Acc* zr = zb.data() + (ho - h0) * s.Wo;
+          int64_t wo = 0;
+          for (; wo + kV <= s.Wo; wo += kV) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo);
+          if (wo < s.Wo) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo, s.Wo - wo);
+        }
+        Vec sum(0);
+        int64_t i = 0;
+        for (; i + kV <= nb; i += kV) sum = sum + Vec::loadu(zb.data() + i);
+        if (i < nb) sum = sum + Vec::loadu(zb.data() + i, nb - i);
+        const Acc mb = static_cast<Acc>(hsum(sum) / static_cast<double>(nb));
+        const Vec mv(mb);
+        Vec ss(0);
+        for (i = 0; i + kV <= nb; i += kV) {
+          const Vec d = Vec::loadu(zb.data() + i) - mv;
+          ss = at::vec::fmadd(d, d, ss);
+        }
+        if (i < nb) {
+          const Vec d = Vec::set(Vec(0), Vec::loadu(zb.data() + i, nb - i) - mv, nb - i);
+          ss = at::vec::fmadd(d, d, ss);
+        }
+        m.merge(static_cast<double>(nb), static_cast<double>(mb), hsum(ss));
+      }
+      pmean[p] = m.mean;
+      pm2[p] = m.m2;
+    }
+  });
+  const double cnt = static_cast<double>(HWo);
+  for (int64_t c = 0; c < s.C; ++c) {
+    Moments m;
+    for (int64_t n = 0; n < s.N; ++n) m.merge(cnt, pmean[n * s.C + c], pm2[n * s.C + c]);
+    mean[c] = m.mean;
+    var[c] = m.var();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Glue
+
+at::Tensor dw_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                      const at::Tensor& shift, int64_t stride, int64_t act) {
+  constexpr const char* op = "dw_fwd";
+  const DwShape s = check_dw_input(op, x, weight, stride);
+  check_act(op, act);
+  check_channel_vec(op, "scale", scale, s.C, x);
+  check_channel_vec(op, "shift", shift, s.C, x);
+  at::Tensor y = new_output({s.N, s.C, s.Ho, s.Wo}, x.options(), memory_format(s.nhwc));
+  if (y.numel() == 0) return y;
+  DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_dw_fwd_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    dispatch_stride(stride, [&](auto S) {
+      dispatch_act(act, [&](auto A) {
+        if (s.nhwc) {
+          dw_fwd_nhwc<scalar_t, decltype(S)::value, decltype(A)::value>(xp, yp, weight, scale,
+                                                                        shift, s);
+        } else {
+          dw_fwd_nchw<scalar_t, decltype(S)::value, decltype(A)::value>(xp, yp, weight, scale,
+                                                                        shift, s);
+        }
+      });
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_stats_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                int64_t stride) {
+  constexpr const char* op = "dw_stats";
+  const DwShape s = check_dw_input(op, x, weight, stride);
+  const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor mean = new_output({s.C}, vopts);
+  at::Tensor var = new_output({s.C}, vopts);
+  if (s.N * s.Ho * s.Wo == 0) {  // no samples: mean 0, var 0
+    mean.zero_();
+    var.zero_();
+    return {mean, var};
+  }
+  std::vector<double> m(s.C), v(s.C);
+  DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_dw_stats_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    dispatch_stride(stride, [&](auto S) {
+      if (s.nhwc) {
+        dw_stats_nhwc<scalar_t, decltype(S)::value>(xp, weight, m.data(), v.data(), s);
+      } else {
+        dw_stats_nchw<scalar_t, decltype(S)::value>(xp, weight, m.data(), v.data(), s);
+      }
+    });
+    using Acc = typename AccOf<scalar_t>::type;
+    Acc* mp = mean.mutable_data_ptr<Acc>();
+    Acc* vp = var.mutable_data_ptr<Acc>();
+    for (int64_t c = 0; c < s.C; ++c) {
+      mp[c] = static_cast<Acc>(m[c]);
+      vp[c] = static_cast<Acc>(v[c]);
+    }
+  });
+  return {mean, var};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(dwsep, CPU, m) {
+  m.impl("dw_fwd", &cpu::dw_fwd_cpu);
+  m.impl("dw_stats", &cpu::dw_stats_cpu);
+}
+
+}  // namespace dwsep

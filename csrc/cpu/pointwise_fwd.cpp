@@ -1,0 +1,228 @@
+// CPU kernels for dwsep::pw_fwd (1x1 conv + folded BN + activation) and dwsep::pw_fwd_stats
+// (1x1 conv output z plus its per-channel batch mean / biased variance).
+//
+// The GEMM is torch's (at::cpu::mm_out, i.e. at::mm's CPU kernel: MKL/oneDNN sgemm/dgemm), run
+// block by block (PwBlocks: fixed pixel blocks sized to stay in L2) inside at::parallel_for;
+// each block's vectorized epilogue (scale/shift + act, or the statistics and the rounding of z)
+// runs right after its GEMM while the block is still in cache. NHWC: block = rows of the
+// (N*HW, Cin) matrix times W^T. NCHW: block = W times a column block of one image's (Cin, HW).
+//
+// fp16/bf16: the x block is converted to fp32 and multiplied with an fp32 copy of W (sgemm with
+// fp32 accumulation); the statistics come from the fp32 result before z is rounded to x's dtype.
+// fp64 runs dgemm.
+//
+// Statistics are deterministic whatever the thread count: per block (count, mean, M2) from a
+// two-pass over the in-cache fp32 block, merged across blocks with Chan's formula in a fixed
+// order, in double.
+#include <torch/library.h>
+
+#include <ATen/ops/mm_cpu_dispatch.h>
+
+#include "cpu/depthwise_common.h"
+
+namespace dwsep {
+namespace cpu {
+namespace {
+
+template <typename T>
+at::Tensor acc_weight(const at::Tensor& weight) {
+  using Acc = typename AccOf<T>::type;
+  const auto acc = c10::CppTypeToScalarType<Acc>::value;
+  return weight.scalar_type() == acc ? weight : weight.to(acc).contiguous();
+}
+
+// kStats = false: y = act(z * scale + shift) (pw_fwd).
+// kStats = true: y holds z, and pmean/pm2 ([count][Cp]) the per-block moments (pw_fwd_stats).
+template <typename T, int kAct, bool kStats>
+void pw_forward(const T* x, const at::Tensor& wa, const typename AccOf<T>::type* scale,
+                const typename AccOf<T>::type* shift, T* y, typename AccOf<T>::type* pmean,
+                typename AccOf<T>::type* pm2, const PwShape& s, const PwBlocks& B) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  constexpr bool kSame = std::is_same_v<T, Acc>;
+  const int64_t Cin = s.Cin, Cout = s.Cout, HW = s.HW, Cp = round_up(Cout, kV);
+  const Acc* wp = wa.const_data_ptr<Acc>();
+  std::vector<Acc> sc, sh;
+  if constexpr (!kStats) {
+    sc.assign(scale, scale + Cout);
+    sh.assign(shift, shift + Cout);
+    sc.resize(Cp, Acc(0));
+    sh.resize(Cp, Acc(0));
+  }
+  at::parallel_for(0, B.count, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Acc> xbuf(kSame ? 0 : B.bs * Cin), zbuf(B.bs * Cout);
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const auto blk = B.get(bi);
+      const int64_t len = blk.len;
+      if (B.nhwc) {
+        // Z[len, Cout] = X[len, Cin] @ W^T
+        const T* xb = x + blk.p0 * Cin;
+        T* yb = y + blk.p0 * Cout;
+        const Acc* xa = reinterpret_cast<const Acc*>(xb);
+        if constexpr (!kSame) {
+          convert_to_acc<T>(xb, xbuf.data(), len * Cin);
+          xa = xbuf.data();
+        }
+        Acc* zb = kSame ? reinterpret_cast<Acc*>(yb) : zbuf.data();
+        at::Tensor zt = blob(zb, {len, Cout}, {Cout, 1});
+        at::cpu::mm_out(zt, blob(xa, {len, Cin}, {Cin, 1}), blob(wp, {Cin, Cout}, {1, Cin}));
+        if constexpr (kStats) {
+          const Vec inv(static_cast<Acc>(1.0 / static_cast<double>(len)));
+          for (int64_t c0 = 0; c0 < Cout; c0 += kV) {
+            const int64_t cnt = std::min(kV, Cout - c0);
+            Vec sum(0);
+            for (int64_t i = 0; i < len; ++i) sum = sum + Vec::loadu(zb + i * Cout + c0, cnt);
+            const Vec mean = sum * inv;
+            Vec m2(0);
+            for (int64_t i = 0; i < len; ++i) {
+              const Vec d = Vec::loadu(zb + i * Cout + c0, cnt) - mean;
+              m2 = at::vec::fmadd(d, d, m2);
+            }
+            mean.store(pmean + bi * Cp + c0);
+            m2.store(pm2 + bi * Cp + c0);
+          }
+          if constexpr (!kSame) convert_from_acc<T>(zb, yb, len * Cout);
+        } else {
+          for (int64_t i = 0; i < len; ++i) {
+            const Acc* zr = zb + i * Cout;
+            T* yr = yb + i * Cout;
+            int64_t c0 = 0;
+            for (; c0 + kV <= Cout; c0 += kV) {
+              const Vec v = at::vec::fmadd(Vec::loadu(zr + c0), Vec::loadu(sc.data() + c0),
+                                           Vec::loadu(sh.data() + c0));
+              IO::store(yr + c0, act_vec<kAct>(v));
+            }
+            if (c0 < Cout) {
+              const Vec v = at::vec::fmadd(Vec::loadu(zr + c0, Cout - c0),
+                                           Vec::loadu(sc.data() + c0), Vec::loadu(sh.data() + c0));
+              IO::store(yr + c0, act_vec<kAct>(v), Cout - c0);
+            }
+          }
+        }
+      } else {
+        // Z[Cout, len] = W @ X_n[:, p0:p0+len]
+        const T* xb = x + blk.n * Cin * HW + blk.p0;
+        T* yb = y + blk.n * Cout * HW + blk.p0;
+        at::Tensor xt;
+        if constexpr (kSame) {
+          xt = blob(reinterpret_cast<const Acc*>(xb), {Cin, len}, {HW, 1});
+        } else {
+          for (int64_t ci = 0; ci < Cin; ++ci)
+            convert_to_acc<T>(xb + ci * HW, xbuf.data() + ci * len, len);
+          xt = blob(xbuf.data(), {Cin, len}, {len, 1});
+        }
+        // A whole fp32/fp64 image is written in place; partial blocks go through zbuf.
+        const bool direct = kSame && len == HW;
+        Acc* zb = direct ? reinterpret_cast<Acc*>(yb) : zbuf.data();
+        at::Tensor zt = blob(zb, {Cout, len}, {len, 1});
+        at::cpu::mm_out(zt, blob(wp, {Cout, Cin}, {Cin, 1}), xt);
+        for (int64_t co = 0; co < Cout; ++co) {
+          const Acc* zr = zb + co * len;
+          T* yr = yb + co * HW;
+          if constexpr (kStats) {
+            Vec sum(0);
+            int64_t i = 0;
+            for (; i + kV <= len; i += kV) sum = sum + Vec::loadu(zr + i);
+            if (i < len) sum = sum + Vec::loadu(zr + i, len - i);
+            const Acc mean = static_cast<Acc>(hsum(sum) / static_cast<double>(len));
+            const Vec mv(mean);
+            Vec m2(0);
+            for (i = 0; i + kV <= len; i += kV) {
+              const Vec d = Vec::loadu(zr + i) - mv;
+              m2 = at::vec::fmadd(d, d, m2);
+            }
+            if (i < len) {
+              const Vec d = Vec::set(Vec(0), Vec::loadu(zr + i, len - i) - mv, len - i);
+              m2 = at::vec::fmadd(d, d, m2);
+            }
+            pmean[bi * Cp + co] = mean;
+            pm2[bi * Cp + co] = static_cast<Acc>(hsum(m2));
+            if (!direct) convert_from_acc<T>(zr, yr, len);
+          } else {
+            const Vec a(sc[co]), b(sh[co]);
+            int64_t i = 0;
+            for (; i + kV <= len; i += kV)
+              IO::store(yr + i, act_vec<kAct>(at::vec::fmadd(Vec::loadu(zr + i), a, b)));
+            if (i < len)
+              IO::store(yr + i, act_vec<kAct>(at::vec::fmadd(Vec::loadu(zr + i, len - i), a, b)),
+                        len - i);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Glue
+
+at::Tensor pw_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                      const at::Tensor& shift, int64_t act) {
+  constexpr const char* op = "pw_fwd";
+  const PwShape s = check_pw_input(op, x, weight);
+  check_act(op, act);
+  check_channel_vec(op, "scale", scale, s.Cout, x);
+  check_channel_vec(op, "shift", shift, s.Cout, x);
+  at::Tensor y = new_output({s.N, s.Cout, s.H, s.W}, x.options(), memory_format(s.nhwc));
+  if (y.numel() == 0) return y;
+  const PwBlocks B(s);
+  DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_pw_fwd_cpu", [&] {
+    using Acc = typename AccOf<scalar_t>::type;
+    const at::Tensor wa = acc_weight<scalar_t>(weight);
+    dispatch_act(act, [&](auto A) {
+      pw_forward<scalar_t, decltype(A)::value, false>(
+          x.const_data_ptr<scalar_t>(), wa, scale.const_data_ptr<Acc>(),
+          shift.const_data_ptr<Acc>(), y.mutable_data_ptr<scalar_t>(), nullptr, nullptr, s, B);
+    });
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_stats_cpu(const at::Tensor& x,
+                                                                const at::Tensor& weight) {
+  constexpr const char* op = "pw_fwd_stats";
+  const PwShape s = check_pw_input(op, x, weight);
+  at::Tensor z = new_output({s.N, s.Cout, s.H, s.W}, x.options(), memory_format(s.nhwc));
+  const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor mean = new_output({s.Cout}, vopts);
+  at::Tensor var = new_output({s.Cout}, vopts);
+  if (z.numel() == 0) {  // no samples: mean 0, var 0
+    mean.zero_();
+    var.zero_();
+    return {z, mean, var};
+  }
+  const PwBlocks B(s);
+  DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_pw_fwd_stats_cpu", [&] {
+    using Acc = typename AccOf<scalar_t>::type;
+    const int64_t Cp = round_up(s.Cout, VecIO<scalar_t>::kV);
+    const at::Tensor wa = acc_weight<scalar_t>(weight);
+    std::vector<Acc> pmean(B.count * Cp), pm2(B.count * Cp);
+    pw_forward<scalar_t, kActNone, true>(x.const_data_ptr<scalar_t>(), wa, nullptr, nullptr,
+                                         z.mutable_data_ptr<scalar_t>(), pmean.data(), pm2.data(),
+                                         s, B);
+    Acc* mp = mean.mutable_data_ptr<Acc>();
+    Acc* vp = var.mutable_data_ptr<Acc>();
+    at::parallel_for(0, s.Cout, 16, [&](int64_t c_begin, int64_t c_end) {
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        Moments m;
+        for (int64_t b = 0; b < B.count; ++b)
+          m.merge(static_cast<double>(B.get(b).len), pmean[b * Cp + c], pm2[b * Cp + c]);
+        mp[c] = static_cast<Acc>(m.mean);
+        vp[c] = static_cast<Acc>(m.var());
+      }
+    });
+  });
+  return {z, mean, var};
+}
+
+}  // namespace
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(dwsep, CPU, m) {
+  m.impl("pw_fwd", &cpu::pw_fwd_cpu);
+  m.impl("pw_fwd_stats", &cpu::pw_fwd_stats_cpu);
+}
+
+}  // namespace dwsep
