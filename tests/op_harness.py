@@ -136,30 +136,54 @@ def run_and_compare(
         return
     gy = torch.randn(
         y.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64
-    )
+    ).to(device)
+    gy[_near_kink(op, x64, w64, bn, kwargs, dtype)] = 0.0
     y.backward(gy.to(dtype=dtype, device=device))
     y_ref.backward(gy.to(device))
-    assert_close(x.grad, x64.grad, gtol, f"{case}: grad x")
-    assert_close(
-        weight.grad,
-        w64.grad,
-        gtol,
-        f"{case}: grad weight",
-        scale=_weight_grad_scale(op, x64, w64, gy, bn64, training, kwargs.get("stride", 1)),
-    )
+    scale_x, scale_w = _grad_scales(op, x64, w64, gy, bn64, training, kwargs.get("stride", 1))
+    assert_close(x.grad, x64.grad, gtol, f"{case}: grad x", scale=scale_x)
+    assert_close(weight.grad, w64.grad, gtol, f"{case}: grad weight", scale=scale_w)
     if affine:
         assert_close(bn["bn_weight"].grad, bn64["bn_weight"].grad, gtol, f"{case}: grad bn_weight")
         assert_close(bn["bn_bias"].grad, bn64["bn_bias"].grad, gtol, f"{case}: grad bn_bias")
 
 
-def _weight_grad_scale(op, x64, w64, gy, bn64, training, stride) -> float:
-    """Typical norm of the weight gradient as a random-walk sum of its M terms
-    k * g_y * x (k = gamma / std of the BN input): the size of the rounding of its operands."""
+# Unit roundoff of each storage dtype.
+_UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def _near_kink(op, x64, w64, bn, kwargs, dtype) -> torch.Tensor:
+    """Output elements whose pre-activation lies within rounding distance of a kink of the
+    activation (0 for relu; 0 and 6 for relu6). Whether the gradient passes there depends on
+    the rounding of the stored pre-BN tensor, in PyTorch's own low-precision kernels as in
+    ours, so the tests give those elements no upstream gradient. Everywhere else the mask
+    is checked exactly."""
+    act = kwargs["activation"]
+    with torch.no_grad():
+        pre, _ = reference_f64(op, x64.detach(), w64.detach(), bn, **{**kwargs, "activation": None})
+    if act is None:
+        return torch.zeros_like(pre, dtype=torch.bool)
+    delta = 4 * _UNIT_ROUNDOFF[dtype] * (1.0 + pre.abs())
+    near = pre.abs() < delta
+    if act == "relu6":
+        near |= (pre - 6.0).abs() < delta
+    return near
+
+
+def _grad_scales(op, x64, w64, gy, bn64, training, stride) -> tuple[float, float]:
+    """Typical norms of the input and weight gradients as random-walk sums of their terms
+    (k * g_y * w and k * g_y * x, k = gamma / std of the BN input): the size of the rounding of
+    their operands. Under train-mode BN a gradient can cancel far below that (2 values per
+    channel, or a 1-input-channel pointwise weight), so the checks are floored there."""
     with torch.no_grad():
         groups = x64.shape[1] if op == "depthwise" else 1
-        z = torch.nn.functional.conv2d(
-            x64, w64, None, stride, 1 if op == "depthwise" else 0, 1, groups
-        )
+        pad = 1 if op == "depthwise" else 0
+        z = torch.nn.functional.conv2d(x64, w64, None, stride, pad, 1, groups)
         n, c, h, w = z.shape
         m = max(n * h * w, 1)
         if training:
@@ -169,7 +193,9 @@ def _weight_grad_scale(op, x64, w64, gy, bn64, training, stride) -> float:
         gamma = bn64["bn_weight"]
         gamma = gamma.detach().double().abs() if gamma is not None else torch.ones_like(var)
         k = (gamma / torch.sqrt(var + 1e-5)).max().item()
-        norms = torch.linalg.vector_norm(gy).item() * torch.linalg.vector_norm(x64).item()
+        ngy = torch.linalg.vector_norm(gy).item()
+        nx = torch.linalg.vector_norm(x64).item()
+        nw = torch.linalg.vector_norm(w64).item()
         if op == "depthwise":
-            return 3.0 * k * norms / (c * m) ** 0.5
-        return k * norms / m**0.5
+            return k * ngy * nw / c**0.5, 3.0 * k * ngy * nx / (c * m) ** 0.5
+        return k * ngy * nw / c**0.5, k * ngy * nx / m**0.5
