@@ -21,6 +21,7 @@ from .backends import (
 )
 from . import functional, nn, ops, reference  # noqa: E402  (ops registers the fake impls)
 from .functional import depthwise_conv_bn_act, pointwise_conv_bn_act
+from .models import MobileNetV1, mobilenet_v1
 
 __version__ = "0.1.0"
 
@@ -45,11 +46,13 @@ def build_info() -> dict[str, Any]:
 
 __all__ = [
     "BackendUnavailableError",
+    "MobileNetV1",
     "available_backends",
     "build_info",
     "depthwise_conv_bn_act",
     "functional",
     "get_backend",
+    "mobilenet_v1",
     "nn",
     "ops",
     "pointwise_conv_bn_act",
