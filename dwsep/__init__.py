@@ -20,6 +20,7 @@ from .backends import (
     use_backend,
 )
 from .functional import depthwise_conv_bn_act, pointwise_conv_bn_act
+from .models import MobileNetV1, mobilenet_v1
 
 __version__ = "0.1.0"
 
@@ -44,11 +45,13 @@ def build_info() -> dict[str, Any]:
 
 __all__ = [
     "BackendUnavailableError",
+    "MobileNetV1",
     "available_backends",
     "build_info",
     "depthwise_conv_bn_act",
     "functional",
     "get_backend",
+    "mobilenet_v1",
     "nn",
     "ops",
     "pointwise_conv_bn_act",
