@@ -72,8 +72,9 @@ def depthwise_conv_bn_act(
     fn = "dwsep.depthwise_conv_bn_act"
     x = V.check_input(fn, x)
     C = x.shape[1]
+    if isinstance(weight, Tensor):  # autocast first: an fp32 weight meets a bf16 x under AMP
+        x, weight = _autocast(x, weight)
     weight = V.check_weight(fn, weight, x, (C, 1, 3, 3), "(C, 1, 3, 3) for x's C channels")
-    x, weight = _autocast(x, weight)
     stride = V.check_stride(fn, stride)
     act = V.activation_code(fn, activation)
     V.check_bn(fn, x, C, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
@@ -146,11 +147,12 @@ def pointwise_conv_bn_act(
     """
     fn = "dwsep.pointwise_conv_bn_act"
     x = V.check_input(fn, x)
+    if isinstance(weight, Tensor):
+        x, weight = _autocast(x, weight)
     weight = V.check_weight(
         fn, weight, x, (None, x.shape[1], 1, 1), "(Cout, Cin, 1, 1) with Cin = x's channels"
     )
     cout = weight.shape[0]
-    x, weight = _autocast(x, weight)
     act = V.activation_code(fn, activation)
     V.check_bn(fn, x, cout, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     count = x.shape[0] * x.shape[2] * x.shape[3]

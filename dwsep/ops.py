@@ -223,7 +223,7 @@ class DepthwiseConvBNActFn(torch.autograd.Function):
         if training:
             batch_mean, batch_var = ops.dw_stats(x, weight, stride)
         else:
-            batch_mean = batch_var = x.new_empty((0,), dtype=acc)
+            batch_mean, batch_var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
         scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
         y = ops.dw_fwd(x, weight, scale, shift, stride, act)
@@ -282,10 +282,10 @@ class PointwiseConvBNActFn(torch.autograd.Function):
         if training or keep_z:
             z, batch_mean, batch_var = ops.pw_fwd_stats(x, weight)
             if not training:
-                batch_mean = batch_var = x.new_empty((0,), dtype=acc)
+                batch_mean, batch_var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         else:
             z = None
-            batch_mean = batch_var = x.new_empty((0,), dtype=acc)
+            batch_mean, batch_var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
         scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
         if z is None:
