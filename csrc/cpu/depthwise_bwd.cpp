@@ -51,6 +51,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
         const T* yr = y + r * s.Wo * C;
         for (int64_t wa = 0; wa < s.Wo; wa += WB) {
           const int64_t wb = std::min(s.Wo, wa + WB);
+          ring.ready(wb);
           for (int64_t c0 = 0; c0 < C; c0 += kV) {
             const int64_t cnt = std::min(kV, C - c0);
             Vec w[9];
@@ -98,45 +99,70 @@ void dw_bwd_reduce_nchw(const T* gy, const T* y, const T* x, const at::Tensor& w
   const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
   const int64_t R = std::max<int64_t>(1, 4096 / s.Wo);  // rows per Acc accumulation block
   std::vector<double> p1(s.N * s.C), p2(s.N * s.C);
-  at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
-    PlaneRows<T, S> rows(s.H, s.W);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c = p % s.C;
-      rows.reset(x + p * HW);
-      Vec w[9];
-      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
-      const Vec m(mup[c]), iv(isp[c]);
-      const T* gp = gy + p * HWo;
-      const T* yp = y + p * HWo;
-      double d1 = 0, d2 = 0;
-      for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
+  if (s.W <= kFlatMaxW && HWo <= 4096) {
+    at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+      FlatPlane<T, S> fp(s.H, s.W);
+      // grad_y and y in the flat layout; junk entries stay 0, so g_z = 0 there.
+      std::vector<Acc> gf(fp.flat_len(), Acc(0)), yf(fp.flat_len(), Acc(0));
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % s.C;
+        fp.load(x + p * HW);
+        fp.to_flat(gy + p * HWo, gf.data());
+        fp.to_flat(y + p * HWo, yf.data());
+        Vec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+        const Vec m(mup[c]), iv(isp[c]);
         Vec a1(0), a2(0);
-        for (int64_t ho = h0; ho < std::min(s.Ho, h0 + R); ++ho) {
-          const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
-          const T* gr = gp + ho * s.Wo;
-          const T* yr = yp + ho * s.Wo;
-          int64_t wo = 0;
-          for (; wo + kV <= s.Wo; wo += kV) {
-            const Vec z = nchw_conv<S>(r, wo, w, rows.half());
-            const Vec gz = act_grad<kAct>(IO::load(gr + wo), IO::load(yr + wo));
-            a1 = a1 + gz;
-            a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
-          }
-          if (wo < s.Wo) {  // lanes past Wo load grad_y = 0, so g_z = 0 there
-            const Vec z = nchw_conv<S>(r, wo, w, rows.half());
-            const Vec gz =
-                act_grad<kAct>(IO::load(gr + wo, s.Wo - wo), IO::load(yr + wo, s.Wo - wo));
-            a1 = a1 + gz;
-            a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
-          }
+        for (int64_t q = 0; q < fp.count(); q += kV) {
+          const Vec gz = act_grad<kAct>(Vec::loadu(gf.data() + q), Vec::loadu(yf.data() + q));
+          a1 = a1 + gz;
+          a2 = at::vec::fmadd(gz, (fp.z(q, w) - m) * iv, a2);
         }
-        d1 += hsum(a1);
-        d2 += hsum(a2);
+        p1[p] = hsum(a1);
+        p2[p] = hsum(a2);
       }
-      p1[p] = d1;
-      p2[p] = d2;
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+      PlaneRows<T, S> rows(s.H, s.W);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % s.C;
+        rows.reset(x + p * HW);
+        Vec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+        const Vec m(mup[c]), iv(isp[c]);
+        const T* gp = gy + p * HWo;
+        const T* yp = y + p * HWo;
+        double d1 = 0, d2 = 0;
+        for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
+          Vec a1(0), a2(0);
+          for (int64_t ho = h0; ho < std::min(s.Ho, h0 + R); ++ho) {
+            const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
+            const T* gr = gp + ho * s.Wo;
+            const T* yr = yp + ho * s.Wo;
+            int64_t wo = 0;
+            for (; wo + kV <= s.Wo; wo += kV) {
+              const Vec z = nchw_conv<S>(r, wo, w, rows.half());
+              const Vec gz = act_grad<kAct>(IO::load(gr + wo), IO::load(yr + wo));
+              a1 = a1 + gz;
+              a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
+            }
+            if (wo < s.Wo) {  // lanes past Wo load grad_y = 0, so g_z = 0 there
+              const Vec z = nchw_conv<S>(r, wo, w, rows.half());
+              const Vec gz =
+                  act_grad<kAct>(IO::load(gr + wo, s.Wo - wo), IO::load(yr + wo, s.Wo - wo));
+              a1 = a1 + gz;
+              a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
+            }
+          }
+          d1 += hsum(a1);
+          d2 += hsum(a2);
+        }
+        p1[p] = d1;
+        p2[p] = d2;
+      }
+    });
+  }
   for (int64_t c = 0; c < s.C; ++c) {
     double s1 = 0, s2 = 0;
     for (int64_t n = 0; n < s.N; ++n) {
@@ -196,6 +222,7 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
         const T* yr = y + r * s.Wo * C;
         for (int64_t wa = 0; wa < s.Wo; wa += WB) {
           const int64_t wb = std::min(s.Wo, wa + WB);
+          ring.ready(wb);
           for (int64_t c0 = 0; c0 < C; c0 += kV) {
             const int64_t cnt = std::min(kV, C - c0);
             // g_conv; padded lanes get k = b = c = 0 and g_z = 0, so they hold 0.

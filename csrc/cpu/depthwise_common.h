@@ -116,10 +116,12 @@ inline double hsum(const Vectorized<Acc>& v) {
 
 template <int kAct, typename Vec>
 inline Vec act_vec(const Vec& v) {
+  // clamp/clamp_min put v last in max/min, so a NaN v propagates (as F.relu6 does) without the
+  // extra NaN fix-ups of at::vec::maximum/minimum.
   if constexpr (kAct == kActRelu) {
-    return at::vec::maximum(v, Vec(0));
+    return at::vec::clamp_min(v, Vec(0));
   } else if constexpr (kAct == kActRelu6) {
-    return at::vec::minimum(at::vec::maximum(v, Vec(0)), Vec(6));
+    return at::vec::clamp(v, Vec(0), Vec(6));
   } else {
     return v;
   }
@@ -279,7 +281,7 @@ template <int rw = 0, typename T>
 inline void prefetch_span(const T* base, int64_t begin, int64_t end) {
   const char* p = reinterpret_cast<const char*>(base + begin);
   const char* e = reinterpret_cast<const char*>(base + end);
-  for (; p < e; p += 64) __builtin_prefetch(p, rw, 3);
+  for (; p < e; p += 64) __builtin_prefetch(p, rw, 2);
 }
 
 // Buffer strides (elements) that avoid 4 KiB aliasing: a stride that is a multiple of 512 bytes
@@ -341,61 +343,71 @@ class NhwcRows {
     P_ = pixel_stride<Acc>(s.C);
     len_ = pad_stride<Acc>((s.W + 2) * P_);
     buf_.assign(3 * len_, Acc(0));
-    for (auto& t : tag_) t = -1;
-  }
-
-  // Prefetch the input that output row ho of image n reads first (its rows not yet in the
-  // ring), the part that its output columns [wa, wb) need. Called one row ahead, tile by tile,
-  // so that the next row's copy streams from cache.
-  void prefetch(int64_t n, int64_t ho, int64_t wa, int64_t wb) const {
-    const int64_t b = std::max<int64_t>(0, wa * S - 1) * C_;
-    const int64_t e = std::min<int64_t>(W_, wb * S + 1) * C_;
-    for (int i = 0; i < S; ++i) {
-      const int64_t h = ho * S + 1 - i;
-      if (h >= 0 && h < H_) prefetch_span(x_ + (n * H_ + h) * W_ * C_, b, e);
+    for (int i = 0; i < 3; ++i) {
+      tag_[i] = -1;
+      filled_[i] = 0;
     }
   }
 
-  // The three input rows of output row ho of image n.
+  // The three input rows of output row ho of image n. A row new to the ring is converted lazily,
+  // tile by tile, by ready(): the loads of x then interleave with the compute instead of coming
+  // in one burst per row, which the hardware prefetchers handled poorly.
   NhwcTaps<Acc, S> taps(int64_t n, int64_t ho) {
     NhwcTaps<Acc, S> t;
-    for (int i = 0; i < 3; ++i) t.rows[i] = get(n, ho * S - 1 + i);
+    for (int i = 0; i < 3; ++i) {
+      const int64_t h = ho * S - 1 + i;
+      const int64_t key = n * (H_ + 2) + h + 1;  // unique per (image, row), rows -1..H
+      const int64_t slot = ((h % 3) + 3) % 3;
+      Acc* dst = buf_.data() + slot * len_;
+      if (tag_[slot] != key) {
+        tag_[slot] = key;
+        if (h < 0 || h >= H_) {
+          std::fill(dst + P_, dst + (W_ + 1) * P_, Acc(0));
+          filled_[slot] = W_;
+        } else {
+          src_[slot] = x_ + (n * H_ + h) * W_ * C_;
+          filled_[slot] = 0;
+        }
+      }
+      cur_[i] = slot;
+      t.rows[i] = dst;
+    }
     t.P = P_;
     return t;
   }
 
- private:
-  const Acc* get(int64_t n, int64_t h) {
-    const int64_t key = n * (H_ + 2) + h + 1;  // unique per (image, row), rows -1..H
-    const int64_t slot = ((h % 3) + 3) % 3;
-    Acc* dst = buf_.data() + slot * len_;
-    if (tag_[slot] != key) {
-      Acc* d = dst + P_;  // pixel 0 is the left zero pad
-      if (h < 0 || h >= H_) {
-        std::fill(d, d + W_ * P_, Acc(0));
-      } else {
-        const T* src = x_ + (n * H_ + h) * W_ * C_;
-        if (C_ == P_) {
-          convert_to_acc<T>(src, d, W_ * C_);
-        } else {  // padding lanes past C stay 0
-          for (int64_t w = 0; w < W_; ++w) convert_to_acc<T>(src + w * C_, d + w * P_, C_);
-        }
+  // Make the current rows valid for output columns [0, wb): image columns [0, wb*S+1).
+  void ready(int64_t wb) {
+    const int64_t need = std::min(W_, wb * S + 1);
+    for (int i = 0; i < 3; ++i) {
+      const int64_t slot = cur_[i];
+      const int64_t from = filled_[slot];
+      if (from >= need) continue;
+      Acc* d = buf_.data() + slot * len_ + P_;  // pixel 0 is the left zero pad
+      const T* src = src_[slot];
+      if (C_ == P_) {
+        convert_to_acc<T>(src + from * C_, d + from * P_, (need - from) * C_);
+      } else {  // padding lanes past C stay 0
+        for (int64_t w = from; w < need; ++w) convert_to_acc<T>(src + w * C_, d + w * P_, C_);
       }
-      tag_[slot] = key;
+      // The next tile's columns.
+      prefetch_span(src, need * C_, std::min(W_, 2 * need - from) * C_);
+      filled_[slot] = need;
     }
-    return dst;
   }
 
+ private:
   const T* x_;
   int64_t H_, W_, C_, P_, len_;
-  int64_t tag_[3];
+  int64_t tag_[3], filled_[3], cur_[3] = {0, 1, 2};
+  const T* src_[3] = {nullptr, nullptr, nullptr};
   std::vector<Acc> buf_;
 };
 
 // NHWC rows are processed in column tiles of this many output pixels, so that the three input
 // rows of a tile stay in L1 while each channel block sweeps the tile with its taps in registers.
 inline int64_t nhwc_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
-  return std::max<int64_t>(4, 16384 / (3 * S * P * acc_bytes));
+  return std::max<int64_t>(8, 16384 / (3 * S * P * acc_bytes));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -492,6 +504,102 @@ inline Vectorized<Acc> nchw_conv(const Acc* const* r, int64_t wo0, const Vectori
   }
   return a[0] + a[1] + a[2];
 }
+
+// NCHW small-plane conv core. A whole zero-padded plane is held flat in Acc, so that the
+// outputs, indexed q = ho*L + wo over rows of L >= Wo entries (the extra entries per row are
+// junk and never stored), are one long run of full vectors whose nine taps sit at constant
+// offsets from q. Stride 1: one plane with rows of L = W+2. Stride 2: the padded plane split by
+// row and column parity into four sub-planes with rows of L = Wo+1 (EE, EO, OE, OO), so that
+// every tap is again a contiguous load. Used where the rows are too short for the row kernels
+// (ragged tail vectors and per-row overheads dominate there).
+template <typename T, int S>
+class FlatPlane {
+ public:
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  static constexpr int64_t kV = IO::kV;
+
+  FlatPlane(int64_t H, int64_t W) : H_(H), W_(W), Ho_(dw_out_size(H, S)), Wo_(dw_out_size(W, S)) {
+    L_ = S == 1 ? W + 2 : Wo_ + 1;
+    sub_ = pad_stride<Acc>((Ho_ * S + 3) * L_ + 2 * kV);
+    buf_.assign((S == 1 ? 1 : 4) * sub_, Acc(0));
+    count_ = (Ho_ - 1) * L_ + Wo_;
+    valid_.assign(round_up(count_, kV) + kV, Acc(0));
+    for (int64_t q = 0; q < count_; ++q) valid_[q] = (q % L_) < Wo_ ? Acc(1) : Acc(0);
+  }
+
+  int64_t L() const { return L_; }
+  // Flat outputs to compute: q in [0, count()), in vectors of kV (the last one may run over).
+  int64_t count() const { return count_; }
+  // 1 where q is a real output, 0 on junk entries and past count().
+  const Acc* valid() const { return valid_.data(); }
+
+  // Copy one input plane in (only interior entries are written; the padding stays 0).
+  void load(const T* plane) {
+    Acc* b = buf_.data();
+    for (int64_t h = 0; h < H_; ++h) {
+      const T* src = plane + h * W_;
+      const int64_t p = h + 1;
+      if constexpr (S == 1) {
+        convert_to_acc<T>(src, b + p * L_ + 1, W_);
+      } else {
+        Acc* e = b + (p & 1) * 2 * sub_ + (p >> 1) * L_;  // column-even sub-plane row
+        Acc* o = e + sub_;                                // column-odd sub-plane row
+        for (int64_t w = 0; w < W_; ++w) {
+          const int64_t q = w + 1;
+          ((q & 1) ? o : e)[q >> 1] = static_cast<Acc>(src[w]);
+        }
+      }
+    }
+  }
+
+  // z at flat outputs [q, q + kV).
+  inline Vec z(int64_t q, const Vec* w) const {
+    const Acc* b = buf_.data() + q;
+    if constexpr (S == 1) {
+      Vec a[3];
+      for (int i = 0; i < 3; ++i) {
+        const Acc* r = b + i * L_;
+        a[i] = at::vec::fmadd(
+            Vec::loadu(r), w[3 * i],
+            at::vec::fmadd(Vec::loadu(r + 1), w[3 * i + 1], Vec::loadu(r + 2) * w[3 * i + 2]));
+      }
+      return a[0] + a[1] + a[2];
+    } else {
+      const Acc* ee = b;
+      const Acc* eo = b + sub_;
+      const Acc* oe = b + 2 * sub_;
+      const Acc* oo = b + 3 * sub_;
+      const Vec a0 = at::vec::fmadd(
+          Vec::loadu(ee), w[0], at::vec::fmadd(Vec::loadu(eo), w[1], Vec::loadu(ee + 1) * w[2]));
+      const Vec a1 = at::vec::fmadd(
+          Vec::loadu(oe), w[3], at::vec::fmadd(Vec::loadu(oo), w[4], Vec::loadu(oe + 1) * w[5]));
+      const Vec a2 =
+          at::vec::fmadd(Vec::loadu(ee + L_), w[6],
+                         at::vec::fmadd(Vec::loadu(eo + L_), w[7], Vec::loadu(ee + L_ + 1) * w[8]));
+      return a0 + a1 + a2;
+    }
+  }
+
+  // Copy an output-shaped plane (Ho x Wo) into flat layout dst (junk entries untouched).
+  void to_flat(const T* plane, Acc* dst) const {
+    for (int64_t ho = 0; ho < Ho_; ++ho) convert_to_acc<T>(plane + ho * Wo_, dst + ho * L_, Wo_);
+  }
+  // Copy the real outputs of a flat buffer out to an Ho x Wo plane.
+  void from_flat(const Acc* src, T* plane) const {
+    for (int64_t ho = 0; ho < Ho_; ++ho) convert_from_acc<T>(src + ho * L_, plane + ho * Wo_, Wo_);
+  }
+  // Length of flat scratch buffers (covers the last vector's overrun).
+  int64_t flat_len() const { return round_up(count_, kV) + kV; }
+
+ private:
+  int64_t H_, W_, Ho_, Wo_, L_, sub_, count_;
+  std::vector<Acc> buf_, valid_;
+};
+
+// Planes at most this wide go through FlatPlane (NCHW forward, stats and BN-sum kernels).
+constexpr int64_t kFlatMaxW = 64;
 
 // Rows of each NHWC chunk for the deterministic reductions: ~32K elements of work per chunk,
 // at most 4096 pixels per chunk (bounds the fp32 accumulation length per lane).

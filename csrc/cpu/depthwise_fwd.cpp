@@ -38,18 +38,21 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
     for (int64_t r = begin; r < end; ++r) {
       const auto cv = ring.taps(r / s.Ho, r % s.Ho);
       T* yr = y + r * s.Wo * C;
-      const bool pf_next = r + 1 < end && (r + 1) % s.Ho != 0;
       for (int64_t wa = 0; wa < s.Wo; wa += WB) {
         const int64_t wb = std::min(s.Wo, wa + WB);
-        if (pf_next) ring.prefetch((r + 1) / s.Ho, (r + 1) % s.Ho, wa, wb);
-        prefetch_span<1>(yr, wa * C, wb * C);
+        ring.ready(wb);
         for (int64_t c0 = 0; c0 < C; c0 += kV) {
           Vec w[9];
           for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
           const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
-          for (int64_t wo = wa; wo < wb; ++wo)
-            act_vec<kAct>(at::vec::fmadd(cv.z(wo, c0, w), a, b))
-                .store(tile.data() + (wo - wa) * P + c0);
+          Acc* tw = tile.data() - wa * P + c0;
+          int64_t wo = wa;
+          for (; wo + 1 < wb; wo += 2) {  // two independent chains per step
+            const Vec z0 = cv.z(wo, c0, w), z1 = cv.z(wo + 1, c0, w);
+            act_vec<kAct>(at::vec::fmadd(z0, a, b)).store(tw + wo * P);
+            act_vec<kAct>(at::vec::fmadd(z1, a, b)).store(tw + (wo + 1) * P);
+          }
+          if (wo < wb) act_vec<kAct>(at::vec::fmadd(cv.z(wo, c0, w), a, b)).store(tw + wo * P);
         }
         if (C == P) {
           convert_from_acc<T>(tile.data(), yr + wa * C, (wb - wa) * C);
@@ -73,6 +76,23 @@ void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
   const Acc* scp = scale.const_data_ptr<Acc>();
   const Acc* shp = shift.const_data_ptr<Acc>();
   const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
+  if (s.W <= kFlatMaxW) {
+    at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+      FlatPlane<T, S> fp(s.H, s.W);
+      std::vector<Acc> out(fp.flat_len());
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % s.C;
+        fp.load(x + p * HW);
+        Vec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+        const Vec a(scp[c]), b(shp[c]);
+        for (int64_t q = 0; q < fp.count(); q += kV)
+          act_vec<kAct>(at::vec::fmadd(fp.z(q, w), a, b)).store(out.data() + q);
+        fp.from_flat(out.data(), y + p * HWo);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
     PlaneRows<T, S> rows(s.H, s.W);
     for (int64_t p = begin; p < end; ++p) {
@@ -119,7 +139,6 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
   std::vector<Acc> cmean(nchunks * Cp), cm2(nchunks * Cp);
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     NhwcRows<T, S> ring(x, s);
-    std::vector<Acc> zc(WB * kV);
     for (int64_t k = cb; k < ce; ++k) {
       Acc* km = cmean.data() + k * Cp;
       Acc* k2 = cm2.data() + k * Cp;
@@ -130,25 +149,26 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
         const auto cv = ring.taps(r / s.Ho, r % s.Ho);
         for (int64_t wa = 0; wa < s.Wo; wa += WB) {
           const int64_t wb = std::min(s.Wo, wa + WB);
-          // (count, mean, M2) of the tile by two passes, merged into the chunk's moments.
+          // (count, mean, M2) of the tile, merged into the chunk's moments.
           // Padded channel lanes compute z = 0 and are never read back.
           const double na = static_cast<double>((r - r0) * s.Wo + wa);
           const double nb = static_cast<double>(wb - wa);
+          ring.ready(wb);
           for (int64_t c0 = 0; c0 < C; c0 += kV) {
             Vec w[9];
             for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
-            Vec sum(0);
-            for (int64_t wo = wa; wo < wb; ++wo) {
-              const Vec z = cv.z(wo, c0, w);
-              z.store(zc.data() + (wo - wa) * kV);
-              sum = sum + z;
+            // Sums shifted by the tile's first value (a sample of the same data, so the
+            // shifted sums do not cancel): mean = K + s1/n, M2 = s2 - s1^2/n.
+            const Vec K = cv.z(wa, c0, w);
+            Vec s1(0), s2(0);
+            for (int64_t wo = wa + 1; wo < wb; ++wo) {
+              const Vec d = cv.z(wo, c0, w) - K;
+              s1 = s1 + d;
+              s2 = at::vec::fmadd(d, d, s2);
             }
-            const Vec mr = sum * Vec(static_cast<Acc>(1.0 / nb));
-            Vec m2r(0);
-            for (int64_t i = 0; i < wb - wa; ++i) {
-              const Vec d = Vec::loadu(zc.data() + i * kV) - mr;
-              m2r = at::vec::fmadd(d, d, m2r);
-            }
+            const Vec inv(static_cast<Acc>(1.0 / nb));
+            const Vec mr = at::vec::fmadd(s1, inv, K);
+            const Vec m2r = at::vec::maximum(s2 - s1 * s1 * inv, Vec(0));
             Vec ma = Vec::loadu(km + c0), m2a = Vec::loadu(k2 + c0);
             chan_merge(ma, m2a, na, mr, m2r, nb);
             ma.store(km + c0);
@@ -183,46 +203,73 @@ void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* v
   // Row blocks of at most ~4096 outputs: two-pass (mean, M2) in cache, then Chan merges.
   const int64_t R = std::max<int64_t>(1, 4096 / s.Wo);
   std::vector<double> pmean(s.N * s.C), pm2(s.N * s.C);
-  at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
-    PlaneRows<T, S> rows(s.H, s.W);
-    std::vector<Acc> zb(R * s.Wo + kV);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t c = p % s.C;
-      rows.reset(x + p * HW);
-      Vec w[9];
-      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
-      Moments m;
-      for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
-        const int64_t h1 = std::min(s.Ho, h0 + R);
-        const int64_t nb = (h1 - h0) * s.Wo;
-        for (int64_t ho = h0; ho < h1; ++ho) {
-          const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
-          Acc* zr = zb.data() + (ho - h0) * s.Wo;
-          int64_t wo = 0;
-          for (; wo + kV <= s.Wo; wo += kV) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo);
-          if (wo < s.Wo) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo, s.Wo - wo);
+  if (s.W <= kFlatMaxW && HWo <= 4096) {
+    // Small planes: shifted sums over the whole plane (pivot K = the plane's first output),
+    // junk entries masked out.
+    at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+      FlatPlane<T, S> fp(s.H, s.W);
+      const Acc* valid = fp.valid();
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % s.C;
+        fp.load(x + p * HW);
+        Vec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+        Acc k0[kV];
+        fp.z(0, w).store(k0);
+        const Vec K(k0[0]);
+        Vec s1(0), s2(0);
+        for (int64_t q = 0; q < fp.count(); q += kV) {
+          const Vec d = (fp.z(q, w) - K) * Vec::loadu(valid + q);
+          s1 = s1 + d;
+          s2 = at::vec::fmadd(d, d, s2);
         }
-        Vec sum(0);
-        int64_t i = 0;
-        for (; i + kV <= nb; i += kV) sum = sum + Vec::loadu(zb.data() + i);
-        if (i < nb) sum = sum + Vec::loadu(zb.data() + i, nb - i);
-        const Acc mb = static_cast<Acc>(hsum(sum) / static_cast<double>(nb));
-        const Vec mv(mb);
-        Vec ss(0);
-        for (i = 0; i + kV <= nb; i += kV) {
-          const Vec d = Vec::loadu(zb.data() + i) - mv;
-          ss = at::vec::fmadd(d, d, ss);
-        }
-        if (i < nb) {
-          const Vec d = Vec::set(Vec(0), Vec::loadu(zb.data() + i, nb - i) - mv, nb - i);
-          ss = at::vec::fmadd(d, d, ss);
-        }
-        m.merge(static_cast<double>(nb), static_cast<double>(mb), hsum(ss));
+        const double n = static_cast<double>(HWo), t1 = hsum(s1);
+        pmean[p] = static_cast<double>(k0[0]) + t1 / n;
+        pm2[p] = std::max(0.0, hsum(s2) - t1 * t1 / n);
       }
-      pmean[p] = m.mean;
-      pm2[p] = m.m2;
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+      PlaneRows<T, S> rows(s.H, s.W);
+      std::vector<Acc> zb(R * s.Wo + kV);
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t c = p % s.C;
+        rows.reset(x + p * HW);
+        Vec w[9];
+        for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+        Moments m;
+        for (int64_t h0 = 0; h0 < s.Ho; h0 += R) {
+          const int64_t h1 = std::min(s.Ho, h0 + R);
+          const int64_t nb = (h1 - h0) * s.Wo;
+          for (int64_t ho = h0; ho < h1; ++ho) {
+            const Acc* r[3] = {rows.get(ho * S - 1), rows.get(ho * S), rows.get(ho * S + 1)};
+            Acc* zr = zb.data() + (ho - h0) * s.Wo;
+            int64_t wo = 0;
+            for (; wo + kV <= s.Wo; wo += kV) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo);
+            if (wo < s.Wo) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo, s.Wo - wo);
+          }
+          Vec sum(0);
+          int64_t i = 0;
+          for (; i + kV <= nb; i += kV) sum = sum + Vec::loadu(zb.data() + i);
+          if (i < nb) sum = sum + Vec::loadu(zb.data() + i, nb - i);
+          const Acc mb = static_cast<Acc>(hsum(sum) / static_cast<double>(nb));
+          const Vec mv(mb);
+          Vec ss(0);
+          for (i = 0; i + kV <= nb; i += kV) {
+            const Vec d = Vec::loadu(zb.data() + i) - mv;
+            ss = at::vec::fmadd(d, d, ss);
+          }
+          if (i < nb) {
+            const Vec d = Vec::set(Vec(0), Vec::loadu(zb.data() + i, nb - i) - mv, nb - i);
+            ss = at::vec::fmadd(d, d, ss);
+          }
+          m.merge(static_cast<double>(nb), static_cast<double>(mb), hsum(ss));
+        }
+        pmean[p] = m.mean;
+        pm2[p] = m.m2;
+      }
+    });
+  }
   const double cnt = static_cast<double>(HWo);
   for (int64_t c = 0; c < s.C; ++c) {
     Moments m;
