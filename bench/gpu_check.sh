@@ -155,7 +155,7 @@ if want tests; then
     fi
     # shellcheck disable=SC2086
     run_step tests "$(budget 200 200)" tests.log \
-        $PY -m pytest tests/ -q -ra -p no:cacheprovider --junitxml="$LOGS/junit.xml" \
+        $PY -m pytest tests/ -q -ra -m "" -p no:cacheprovider --junitxml="$LOGS/junit.xml" \
         ${xd[@]+"${xd[@]}"} ${PYTEST_ARGS:-}
     TEST_LINE=$(grep -E "[0-9]+ (passed|failed|error)" "$LOGS/tests.log" | tail -n 1)
 fi
