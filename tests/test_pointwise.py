@@ -71,6 +71,37 @@ def test_inference_without_grad_and_no_affine(backend, device, training):
     )
 
 
+@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "no-onednn"])
+@pytest.mark.parametrize(
+    ("layout", "hw"), [("contiguous", (5, 6)), ("contiguous", (28, 29)), ("channels_last", (5, 6))]
+)
+def test_cpu_inference_paths(mkldnn, layout, hw):
+    """The CPU pw_fwd has two fp32 paths: oneDNN's convolution on BN-folded weights (channels_last,
+    and NCHW planes under 28x28) and block-wise sgemm + fused epilogue (NCHW planes from 28x28,
+    and whenever oneDNN is disabled). Both against the oracle, every activation."""
+    reason = dwsep.testing.skip_reason("cpu", "cpu")
+    if reason:
+        pytest.skip(reason)
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = mkldnn
+    try:
+        for i, act in enumerate(ACTS):
+            run_and_compare(
+                "pointwise",
+                "cpu",
+                "cpu",
+                torch.float32,
+                (2, 12, *hw),
+                cout=19,
+                layout=layout,
+                activation=act,
+                grads=False,
+                seed=i,
+            )
+    finally:
+        torch.backends.mkldnn.enabled = saved
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 def test_larger_than_one_tile(backend, device):
     # M, K and N past common tile sizes (128) with ragged remainders
