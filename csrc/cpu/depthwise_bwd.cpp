@@ -58,12 +58,24 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
             for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
             const Vec m = Vec::loadu(mu.data() + c0), iv = Vec::loadu(is.data() + c0);
             Vec a1 = Vec::loadu(k1 + c0), a2 = Vec::loadu(k2 + c0);
-            for (int64_t wo = wa; wo < wb; ++wo) {
+            // Padded lanes load grad_y = 0, so g_z = 0 there.
+            auto gz_at = [&](int64_t wo) {
               const int64_t o = wo * C + c0;
-              // Padded lanes load grad_y = 0, so g_z = 0 there.
-              const Vec gz = cnt == kV
-                                 ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
-                                 : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
+              return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
+                               : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
+            };
+            int64_t wo = wa;
+            for (; wo + 3 < wb; wo += 4) {
+              Vec z[4];
+              cv.z4(wo, c0, w, z);
+              for (int k = 0; k < 4; ++k) {
+                const Vec gz = gz_at(wo + k);
+                a1 = a1 + gz;
+                a2 = at::vec::fmadd(gz, (z[k] - m) * iv, a2);
+              }
+            }
+            for (; wo < wb; ++wo) {
+              const Vec gz = gz_at(wo);
               a1 = a1 + gz;
               a2 = at::vec::fmadd(gz, (cv.z(wo, c0, w) - m) * iv, a2);
             }
@@ -236,7 +248,15 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
               Vec w[9];
               for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
               const Vec bv = Vec::loadu(bb.data() + c0), cvv = Vec::loadu(cc.data() + c0);
-              for (int64_t wo = wa; wo < wb; ++wo) {
+              int64_t wo = wa;
+              for (; wo + 3 < wb; wo += 4) {
+                Vec z[4];
+                cv.z4(wo, c0, w, z);
+                for (int k = 0; k < 4; ++k)
+                  at::vec::fmadd(kv, gz_at(wo + k), at::vec::fmadd(bv, z[k], cvv))
+                      .store(grow + (wo + k + 1) * P + c0);
+              }
+              for (; wo < wb; ++wo) {
                 const Vec g =
                     at::vec::fmadd(kv, gz_at(wo), at::vec::fmadd(bv, cv.z(wo, c0, w), cvv));
                 g.store(grow + (wo + 1) * P + c0);

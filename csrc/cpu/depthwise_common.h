@@ -324,6 +324,25 @@ struct NhwcTaps {
     return a[0] + a[1] + a[2];
   }
 
+  // z of the four output pixels wo..wo+3. Neighbouring outputs share input columns (stride 1:
+  // 6 columns per row feed 4 outputs; stride 2: 9), so each input vector is loaded once per row
+  // instead of once per tap: 18 (27) loads per 4 outputs instead of 36.
+  inline void z4(int64_t wo, int64_t c0, const Vec* w, Vec* out) const {
+    const int64_t off = wo * S * P + c0;
+    Vec a[4] = {Vec(0), Vec(0), Vec(0), Vec(0)};
+    for (int i = 0; i < 3; ++i) {
+      const Acc* p = rows[i] + off;
+      for (int col = 0; col < 3 * S + 3; ++col) {  // input columns wo*S .. (wo+3)*S+2
+        const Vec v = Vec::loadu(p + col * P);
+        for (int k = 0; k < 4; ++k) {  // output wo+k uses columns k*S .. k*S+2
+          const int j = col - k * S;
+          if (j >= 0 && j < 3) a[k] = at::vec::fmadd(v, w[3 * i + j], a[k]);
+        }
+      }
+    }
+    for (int k = 0; k < 4; ++k) out[k] = a[k];
+  }
+
   // acc[3i+j] += g * row_i[wo*S+j, c0:c0+kV]: the weight-gradient taps of output pixel wo.
   inline void wgrad(int64_t wo, int64_t c0, const Vec& g, Vec* acc) const {
     const int64_t off = wo * S * P + c0;
