@@ -19,6 +19,8 @@
 // ([k][n]); the pointwise ops use three of the four combinations (see pointwise.h).
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/pointwise.h"
@@ -748,6 +750,8 @@ int copy_width(const void* p, int64_t ld, int64_t batch, int es) {
   return 0;
 }
 
+constexpr int kMaxDevices = 64;
+
 template <Kind KD, class C, bool AK, bool BK_MAJOR, bool VEC>
 cudaError_t launch_gemm(const KArgs& a, cudaStream_t stream) {
   using T = typename KindTraits<KD>::T;
@@ -755,9 +759,20 @@ cudaError_t launch_gemm(const KArgs& a, cudaStream_t stream) {
   constexpr size_t smem = L::BYTES;
   auto kernel = pw_gemm_kernel<KD, C, AK, BK_MAJOR, VEC>;
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+    // The opt-in to more than 48 KiB is per device and per kernel: set it once for each (a race
+    // between host threads only sets it twice, which is harmless; a cudaDeviceReset, which
+    // PyTorch never does, would need it set again).
+    static std::array<std::atomic<bool>, kMaxDevices> attr_set{};
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
+    const bool cached = dev >= 0 && dev < kMaxDevices;
+    if (!cached || !attr_set[dev].load(std::memory_order_acquire)) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+      if (cached) attr_set[dev].store(true, std::memory_order_release);
+    }
   }
   const dim3 grid(static_cast<unsigned>(a.tiles_m * a.tiles_n), 1,
                   static_cast<unsigned>(std::min<int64_t>(a.Z, 65535)));
