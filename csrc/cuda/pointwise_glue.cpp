@@ -148,10 +148,18 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_cuda(const at::Tensor& grad_y, const a
                                                const at::Tensor& k, const at::Tensor& b,
                                                const at::Tensor& c, int64_t act) {
   constexpr const char* op = "pw_bwd";
-  const cuda::PwShape s = check_x_weight(op, x, weight);
+  cuda::PwShape s = check_x_weight(op, x, weight);
+  const bool x_nhwc = s.nhwc;
+  // Layout shared by z/grad_y (Cout channels) and x (Cin channels), decided as the CPU op does
+  // (cpu/pointwise_bwd.cpp, pw_bwd_layout): channels_last if z or x is strictly channels_last;
+  // every tensor must then be dense in it (one channel or 1x1 images: dense in both).
+  s.nhwc = is_nhwc(op, "z", z) || x_nhwc;
   const std::vector<int64_t> zsizes{s.N, s.Cout, x.size(2), x.size(3)};
   check_like(op, "z", z, x, "x", zsizes, s.nhwc);
   check_like(op, "grad_y", grad_y, x, "x", zsizes, s.nhwc);
+  TORCH_CHECK(x.is_contiguous(memory_format(s.nhwc)), "dwsep::", op,
+              ": x must be contiguous in the layout of z (", s.nhwc ? "channels_last" : "NCHW",
+              "), got strides ", x.strides());
   check_act(op, act);
   check_channel_vec(op, "scale", scale, s.Cout, x);
   check_channel_vec(op, "shift", shift, s.Cout, x);
@@ -159,7 +167,9 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_cuda(const at::Tensor& grad_y, const a
   check_channel_vec(op, "b", b, s.Cout, x);
   check_channel_vec(op, "c", c, s.Cout, x);
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_x = new_output(x.sizes(), x.options(), memory_format(s.nhwc));
+  // grad_x follows x's own format (as the CPU op and the fake impl do); for an x dense in both
+  // formats the two coincide in memory.
+  at::Tensor grad_x = new_output(x.sizes(), x.options(), memory_format(x_nhwc));
   at::Tensor grad_w = new_output(weight.sizes(), weight.options());
   if (s.N * s.HW == 0 || s.Cout == 0 || s.Cin == 0) {
     // Empty sums: grad_w (if any) is 0 without samples, grad_x (if any) is 0 without outputs.
