@@ -186,6 +186,16 @@ def test_opcheck(backend, device, layout, op):
     torch.library.opcheck(getattr(table, op), _pw_op_args(device, layout)[op])
 
 
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_by_one_images(backend, device, dtype, layout):
+    """1x1 images: x is dense in both formats (the CUDA ops run them as NHWC, one GEMM over the
+    batch) and the outputs keep x's format; a batch spanning more than one GEMM tile."""
+    run_and_compare(
+        "pointwise", backend, device, dtype, (150, 40, 1, 1), cout=72, layout=layout, training=True
+    )
+
+
 @pytest.mark.parametrize(
     ("backend", "device"), [p for p in backend_params() if "triton" not in p.id]
 )

@@ -46,6 +46,12 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
               t.strides());
 }
 
+// The shape handed to the kernels: s with the layout they index by (kernel_nhwc).
+cuda::PwShape kernel_shape(cuda::PwShape s) {
+  s.nhwc = kernel_nhwc(s.nhwc, s.HW);
+  return s;
+}
+
 at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
   return at::empty({std::max<int64_t>(bytes, 16)}, like.options().dtype(at::kByte));
 }
@@ -61,9 +67,8 @@ at::Tensor pw_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   at::Tensor y =
       new_output({s.N, s.Cout, x.size(2), x.size(3)}, x.options(), memory_format(s.nhwc));
   if (y.numel() == 0) return y;
-  cuda::PwFwdParams p{x.data_ptr(),          weight.data_ptr(), scale.data_ptr(),
-                      shift.data_ptr(),      y.data_ptr(),      s,
-                      static_cast<int>(act), allow_tf32()};
+  cuda::PwFwdParams p{x.data_ptr(), weight.data_ptr(), scale.data_ptr(),      shift.data_ptr(),
+                      y.data_ptr(), kernel_shape(s),   static_cast<int>(act), allow_tf32()};
   check_cuda(op, cuda::pw_fwd(p, cuda_dtype(op, x.scalar_type()), current_stream()));
   return y;
 }
@@ -85,10 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_stats_cuda(const at::Tenso
     return {z, mean, var};
   }
   const cuda::DType dtype = cuda_dtype(op, x.scalar_type());
-  cuda::PwFwdStatsParams p{x.data_ptr(),   weight.data_ptr(),
-                           z.data_ptr(),   mean.data_ptr(),
-                           var.data_ptr(), s,
-                           allow_tf32(),   nullptr};
+  cuda::PwFwdStatsParams p{x.data_ptr(),   weight.data_ptr(), z.data_ptr(), mean.data_ptr(),
+                           var.data_ptr(), kernel_shape(s),   allow_tf32(), nullptr};
   at::Tensor ws = workspace(cuda::pw_fwd_stats_workspace_bytes(p, dtype), x);
   p.workspace = ws.data_ptr();
   check_cuda(op, cuda::pw_fwd_stats(p, dtype, current_stream()));
@@ -133,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_reduce_cuda(const at::Tensor& grad_y, 
                             z.size(0),
                             C,
                             z.size(2) * z.size(3),
-                            nhwc,
+                            kernel_nhwc(nhwc, z.size(2) * z.size(3)),
                             static_cast<int>(act),
                             nullptr};
   at::Tensor ws = workspace(cuda::pw_bwd_reduce_workspace_bytes(p, dtype), z);
@@ -182,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_cuda(const at::Tensor& grad_y, const a
   cuda::PwBwdParams p{
       grad_y.data_ptr(),     z.data_ptr(),      x.data_ptr(),      weight.data_ptr(),
       scale.data_ptr(),      shift.data_ptr(),  k.data_ptr(),      b.data_ptr(),
-      c.data_ptr(),          grad_x.data_ptr(), grad_w.data_ptr(), s,
+      c.data_ptr(),          grad_x.data_ptr(), grad_w.data_ptr(), kernel_shape(s),
       static_cast<int>(act), allow_tf32(),      g_conv.data_ptr(), nullptr};
   at::Tensor ws = workspace(cuda::pw_bwd_workspace_bytes(p, dtype), x);
   p.workspace = ws.data_ptr();
