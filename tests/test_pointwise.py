@@ -186,6 +186,39 @@ def test_opcheck(backend, device, layout, op):
     torch.library.opcheck(getattr(table, op), _pw_op_args(device, layout)[op])
 
 
+def _offset_copy(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
+    """A dense copy of t with t's strides whose data starts `elems` elements into its storage:
+    for 16-bit and fp32 tensors a base pointer that is not 16-byte aligned."""
+    buf = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
+    out = buf[elems:].as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+def test_unaligned_planes_and_pointers(backend, device, dtype, offset):
+    """NCHW planes of 49 and 196 pixels (rows not a multiple of 16 bytes: the CUDA GEMM loads
+    them with 8- or 4-byte copies, or element-wise for 16-bit types) and x at an odd element
+    offset (base pointer not 16-byte aligned), several k-tiles and images; channels_last too."""
+    transform = (lambda t: _offset_copy(t, offset)) if offset else None
+    for i, (shape, cout) in enumerate([((3, 72, 7, 7), 40), ((2, 40, 14, 14), 72)]):
+        for layout in LAYOUTS:
+            run_and_compare(
+                "pointwise",
+                backend,
+                device,
+                dtype,
+                shape,
+                cout=cout,
+                layout=layout,
+                training=True,
+                activation=ACTS[i % 3],
+                seed=i,
+                x_transform=transform,
+            )
+
+
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_one_by_one_images(backend, device, dtype, layout):
