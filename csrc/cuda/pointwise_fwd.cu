@@ -157,9 +157,10 @@ struct TileCfg {
   static_assert(STAGES >= 2, "pipeline needs at least two stages");
 };
 // cfg 0: 128x128 tile, 8 warps of 64x32 (16-bit types only); cfg 1: 64x64, 4 warps of 32x32.
-// The loaders' chunk loops are kept rolled (unroll 1): that keeps every GEMM variant free of
-// spills on sm_80 and sm_90 (fewer live address registers). The copies inside one 16-byte chunk
-// are unrolled (independent, issued back to back; checked in the SASS, not run on a GPU yet).
+// The loaders' cp.async chunk loops are kept rolled (unroll 1): that keeps every GEMM variant
+// free of spills on sm_80 and sm_90 (fewer live address registers). The copies inside a chunk,
+// and the element-wise loads of all of a thread's chunks, are unrolled: independent, issued back
+// to back (checked in the SASS; not run on a GPU yet).
 using CfgBig = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgSmall = TileCfg<64, 64, 2, 2, 4, 4>;
 // fp64: the 64x64 tile with a looser register cap (64 fp64 accumulators per thread).
@@ -225,27 +226,20 @@ struct KArgs {
 // stride are all aligned (picked on the host: 16 when VEC): 16, 8 or 4 bytes use cp.async (so a
 // row stride that is not a multiple of 16 bytes, e.g. an NCHW plane of 196 fp16 or 49 fp32
 // values, still loads asynchronously), 0 loads element-wise through registers (16-bit types
-// with 2-byte-aligned rows, e.g. an NCHW plane of 49 fp16 values): all V loads of a chunk are
-// issued before its one 16-byte shared store, so they overlap.
+// with 2-byte-aligned rows, e.g. an NCHW plane of 49 fp16 values): all the loads of a thread's
+// chunks are issued before their 16-byte shared stores, so they overlap.
 
-// One 16-byte chunk at d: its first nvalid (0..V) elements from src, the rest zero. `safe` is a
-// valid W-aligned global address, passed to the copies that read nothing.
+// One 16-byte chunk at d: its first nvalid (0..V) elements from src, the rest zero, in copies of
+// W bytes. `safe` is a valid W-aligned global address, passed to the copies that read nothing.
 template <typename T, int W>
 __device__ __forceinline__ void load_chunk(T* d, const T* src, const T* safe, int nvalid) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
-  if constexpr (W > 0) {
-    constexpr int E = W / static_cast<int>(sizeof(T));  // elements per copy
-    static_assert(E >= 1 && V % E == 0, "the copy width must be a multiple of the element size");
+  constexpr int E = W / static_cast<int>(sizeof(T));  // elements per copy
+  static_assert(E >= 1 && V % E == 0, "the copy width must be a multiple of the element size");
 #pragma unroll
-    for (int q = 0; q < V / E; ++q) {
-      const int n = min(max(nvalid - q * E, 0), E);
-      cp_async<W>(d + q * E, n > 0 ? src + q * E : safe, n * static_cast<int>(sizeof(T)));
-    }
-  } else {
-    Pack<T, V> pk;
-#pragma unroll
-    for (int e = 0; e < V; ++e) pk.v[e] = e < nvalid ? src[e] : zero_value<T>();
-    *reinterpret_cast<Pack<T, V>*>(d) = pk;
+  for (int q = 0; q < V / E; ++q) {
+    const int n = min(max(nvalid - q * E, 0), E);
+    cp_async<W>(d + q * E, n > 0 ? src + q * E : safe, n * static_cast<int>(sizeof(T)));
   }
 }
 
@@ -254,18 +248,42 @@ __device__ __forceinline__ void load_tile(T* s, int pitch, const T* g, int64_t l
                                           int cols_left, int tid) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int CHUNKS = R * CPR;
+  constexpr int ITERS = CHUNKS / NT;
   static_assert(CHUNKS % NT == 0, "chunks must divide evenly among threads");
+  if constexpr (W == 0) {
+    // Element-wise: every load of the thread's ITERS chunks first, then the shared stores, so
+    // one global round trip per stage instead of one per chunk.
+    Pack<T, V> pk[ITERS];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int ci = tid + it * NT;
+      const int r = ci / CPR;
+      const int c = (ci % CPR) * V;
+      const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
+      const T* src = g + r * ld + c;
+#pragma unroll
+      for (int e = 0; e < V; ++e) pk[it].v[e] = e < nvalid ? src[e] : zero_value<T>();
+    }
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int ci = tid + it * NT;
+      *reinterpret_cast<Pack<T, V>*>(s + (ci / CPR) * pitch + (ci % CPR) * V) = pk[it];
+    }
+  } else {
 #pragma unroll 1
-  for (int it = 0; it < CHUNKS / NT; ++it) {
-    const int ci = tid + it * NT;
-    const int r = ci / CPR;
-    const int c = (ci % CPR) * V;
-    const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
-    load_chunk<T, W>(s + r * pitch + c, g + r * ld + c, g, nvalid);
+    for (int it = 0; it < ITERS; ++it) {
+      const int ci = tid + it * NT;
+      const int r = ci / CPR;
+      const int c = (ci % CPR) * V;
+      const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
+      load_chunk<T, W>(s + r * pitch + c, g + r * ld + c, g, nvalid);
+    }
   }
 }
 
-// VEC: 16-byte copies, no run-time branch. Otherwise one uniform branch on the width w.
+// VEC: 16-byte copies, no run-time branch. Otherwise one uniform branch on the width w, which
+// is 16 or 8 for fp64, 16, 8 or 4 for fp32 (element-aligned pointers always allow one element
+// per copy), and 16, 8, 4 or 0 for 16-bit types.
 template <typename T, int R, int CPR, int NT, bool VEC>
 __device__ __forceinline__ void load_operand(T* s, int pitch, const T* g, int64_t ld, int rows_left,
                                              int cols_left, int w, int tid) {
@@ -280,9 +298,11 @@ __device__ __forceinline__ void load_operand(T* s, int pitch, const T* g, int64_
         return;
       }
     }
-    if (w != 16) {
-      load_tile<T, R, CPR, NT, 0>(s, pitch, g, ld, rows_left, cols_left, tid);
-      return;
+    if constexpr (sizeof(T) == 2) {
+      if (w != 16) {
+        load_tile<T, R, CPR, NT, 0>(s, pitch, g, ld, rows_left, cols_left, tid);
+        return;
+      }
     }
   }
   load_tile<T, R, CPR, NT, 16>(s, pitch, g, ld, rows_left, cols_left, tid);
@@ -925,6 +945,9 @@ cudaError_t pw_gemm(const PwGemmParams& p, DType dtype, cudaStream_t stream) {
   if (a.tiles_m * a.tiles_n > 0x7fffffff) return cudaErrorInvalidConfiguration;
   a.a_w = copy_width(p.a, p.lda, p.batch_a, es);
   a.b_w = copy_width(p.b, p.ldb, p.batch_b, es);
+  // Element-wise loads exist for 16-bit types only; wider elements are at least 4-byte aligned
+  // (fp32: one element per copy; fp64: 8 bytes) unless the pointer is not element-aligned.
+  if (es > 2 && (a.a_w == 0 || a.b_w == 0)) return cudaErrorMisalignedAddress;
   const int vo = p.epi == PwGemmParams::kPartial ? 16 / (dtype == DType::kFloat64 ? 8 : 4) : V;
   a.c_vec = p.ldc % vo == 0 && p.batch_c % vo == 0 && aligned16(p.c);
   a.epi = p.epi, a.chan = p.chan, a.act = p.act;
