@@ -184,3 +184,73 @@ def _pw_op_args(device, layout, dtype=torch.float32):
 def test_opcheck(backend, device, layout, op):
     table = dwsep.ops.op_table(backend)
     torch.library.opcheck(getattr(table, op), _pw_op_args(device, layout)[op])
+
+
+def _offset_copy(t: torch.Tensor, elems: int = 1) -> torch.Tensor:
+    """A dense copy of t with t's strides whose data starts `elems` elements into its storage:
+    for 16-bit and fp32 tensors a base pointer that is not 16-byte aligned."""
+    buf = torch.empty(t.numel() + elems, dtype=t.dtype, device=t.device)
+    out = buf[elems:].as_strided(t.shape, t.stride())
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+def test_unaligned_planes_and_pointers(backend, device, dtype, offset):
+    """NCHW planes of 49 and 196 pixels (rows not a multiple of 16 bytes: the CUDA GEMM loads
+    them with 8- or 4-byte copies, or element-wise for 16-bit types) and x at an odd element
+    offset (base pointer not 16-byte aligned), several k-tiles and images; channels_last too."""
+    transform = (lambda t: _offset_copy(t, offset)) if offset else None
+    for i, (shape, cout) in enumerate([((3, 72, 7, 7), 40), ((2, 40, 14, 14), 72)]):
+        for layout in LAYOUTS:
+            run_and_compare(
+                "pointwise",
+                backend,
+                device,
+                dtype,
+                shape,
+                cout=cout,
+                layout=layout,
+                training=True,
+                activation=ACTS[i % 3],
+                seed=i,
+                x_transform=transform,
+            )
+
+
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_by_one_images(backend, device, dtype, layout):
+    """1x1 images: x is dense in both formats (the CUDA ops run them as NHWC, one GEMM over the
+    batch) and the outputs keep x's format; a batch spanning more than one GEMM tile."""
+    run_and_compare(
+        "pointwise", backend, device, dtype, (150, 40, 1, 1), cout=72, layout=layout, training=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"), [p for p in backend_params() if "triton" not in p.id]
+)
+def test_pw_bwd_layout_from_z_or_x(backend, device):
+    """pw_bwd takes channels_last from z or from x, whichever is strictly channels_last (x with
+    one channel is dense in both formats); the result matches the all-NCHW call and grad_x keeps
+    x's format."""
+    torch.manual_seed(0)
+    dt = torch.float64
+    n, cin, cout, h, w = 2, 1, 5, 3, 4
+    x = torch.randn(n, cin, h, w, dtype=dt, device=device)  # dense in both formats
+    weight = torch.randn(cout, cin, dtype=dt, device=device)
+    z = torch.randn(n, cout, h, w, dtype=dt, device=device)
+    gy = torch.randn(n, cout, h, w, dtype=dt, device=device)
+    vec = lambda s: torch.linspace(0.5, 1.5 + s, cout, dtype=dt, device=device)  # noqa: E731
+    rest = (vec(0), vec(1) - 1, vec(2), vec(3), vec(4), 2)
+    table = dwsep.ops.op_table(backend)
+    gx_ref, gw_ref = table.pw_bwd(gy, z, x, weight, *rest)
+    cl = torch.channels_last
+    gx, gw = table.pw_bwd(
+        gy.contiguous(memory_format=cl), z.contiguous(memory_format=cl), x, weight, *rest
+    )
+    assert gx.is_contiguous()  # x's own format
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-12, atol=1e-12)

@@ -19,9 +19,10 @@ at::Tensor bn_act_cuda(const at::Tensor& z, const at::Tensor& scale, const at::T
   c10::cuda::CUDAGuard guard(z.device());
   at::Tensor y = new_output(z.sizes(), z.options(), memory_format(nhwc));
   if (z.numel() == 0) return y;
-  cuda::BnActParams p{z.data_ptr(),          y.data_ptr(), scale.data_ptr(),
-                      shift.data_ptr(),      z.size(0),    C,
-                      z.size(2) * z.size(3), nhwc,         static_cast<int>(act)};
+  const int64_t HW = z.size(2) * z.size(3);
+  cuda::BnActParams p{
+      z.data_ptr(), y.data_ptr(),          scale.data_ptr(),     shift.data_ptr(), z.size(0), C,
+      HW,           kernel_nhwc(nhwc, HW), static_cast<int>(act)};
   check_cuda(op, cuda::bn_act(p, cuda_dtype(op, z.scalar_type()), current_stream()));
   return y;
 }

@@ -35,4 +35,14 @@ inline cudaStream_t current_stream() {
   return c10::cuda::getCurrentCUDAStream().stream();
 }
 
+// Layout the kernels index the tensors by, for tensors dense in the format `nhwc` (is_nhwc(),
+// which answers NCHW for a tensor dense in both). With 1x1 images (HW == 1) every (N, C, 1, 1)
+// tensor has the same bytes in both formats, so the kernels run as NHWC (the pointwise GEMM is
+// then one GEMM with M = N instead of N one-column GEMMs, and the elementwise and reduction
+// kernels vectorize along C); outputs are still allocated in the op's format `nhwc`. (The other
+// tensors dense in both formats, C == 1, already run as NCHW, which vectorizes along HW.)
+inline bool kernel_nhwc(bool nhwc, int64_t HW) {
+  return nhwc || HW == 1;
+}
+
 }  // namespace dwsep

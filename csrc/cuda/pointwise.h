@@ -17,7 +17,9 @@ namespace dwsep {
 namespace cuda {
 
 // Sizes shared by all pointwise ops: x is (N, Cin, H, W), z/y/grad_y are (N, Cout, H, W),
-// weight is (Cout, Cin), all in the same memory format (nhwc or dense NCHW).
+// weight is (Cout, Cin) contiguous; the activations are all dense in the layout `nhwc`, the one
+// the kernels index them by (the glue passes nhwc = true for 1x1 images, whose two layouts are
+// the same bytes, whatever format their tensors carry).
 struct PwShape {
   int64_t N, Cin, Cout, HW;
   bool nhwc;

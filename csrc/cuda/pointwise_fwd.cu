@@ -2,9 +2,10 @@
 // (pointwise_bwd.cu calls pw_gemm() for the data and weight gradients).
 //
 // Engine: one CTA computes a BM x BN tile of C = A * B through a STAGES-deep cp.async pipeline
-// (16-byte copies, zero-filled at ragged edges; an element-wise fallback when a row stride or a
-// base pointer is not 16-byte aligned) into padded shared memory (row pitch + 16 bytes: the
-// ldmatrix and cp.async accesses are bank-conflict free). Per element type:
+// (16-byte copies, zero-filled at ragged edges; 8- or 4-byte copies, or element-wise loads
+// through registers for 16-bit types, when a row stride or a base pointer is not 16-byte
+// aligned) into padded shared memory (row pitch + 16 bytes: the ldmatrix and cp.async accesses
+// are bank-conflict free). Per element type:
 //   fp16/bf16: ldmatrix(.trans) + mma.sync.m16n8k16, fp32 accumulators;
 //   fp32:      mma.sync.m16n8k8 TF32 (only when allowed by the caller) or exact fp32 FMA;
 //   fp64:      fp64 FMA (exists for gradcheck).
@@ -18,6 +19,8 @@
 // ([k][n]); the pointwise ops use three of the four combinations (see pointwise.h).
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/pointwise.h"
@@ -33,11 +36,21 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// 16-byte async copy global -> shared; bytes past src_bytes (0..16) are zero-filled.
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(src_bytes)
-               : "memory");
+// Async copy of W = 16, 8 or 4 bytes global -> shared; bytes past src_bytes (0..W) are
+// zero-filled. src and dst must be W-aligned (src even when src_bytes is 0). 16 bytes go through
+// L2 only (.cg exists for 16 bytes only), 8 and 4 bytes through L1 (.ca).
+template <int W>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+  static_assert(W == 16 || W == 8 || W == 4, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (W == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "n"(W), "r"(src_bytes)
+                 : "memory");
+  }
 }
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -100,6 +113,12 @@ __device__ __forceinline__ T zero_value() {
   return from_acc<T>(typename AccOf<T>::type(0));
 }
 
+// 16 bytes of OutT values, stored (or loaded) with one instruction.
+template <typename OutT, int VO>
+struct alignas(16) Pack {
+  OutT v[VO];
+};
+
 // ---------------------------------------------------------------------------------------------
 // Compile-time configuration.
 
@@ -138,8 +157,10 @@ struct TileCfg {
   static_assert(STAGES >= 2, "pipeline needs at least two stages");
 };
 // cfg 0: 128x128 tile, 8 warps of 64x32 (16-bit types only); cfg 1: 64x64, 4 warps of 32x32.
-// The loaders' chunk loops and the element-wise fallback loads are kept rolled (unroll 1): that
-// keeps every GEMM variant free of spills on sm_80 and sm_90 (fewer live address registers).
+// The loaders' cp.async chunk loops are kept rolled (unroll 1): that keeps every GEMM variant
+// free of spills on sm_80 and sm_90 (fewer live address registers). The copies inside a chunk,
+// and the element-wise loads of all of a thread's chunks, are unrolled: independent, issued back
+// to back (checked in the SASS; not run on a GPU yet).
 using CfgBig = TileCfg<128, 128, 2, 4, 4, 2>;
 using CfgSmall = TileCfg<64, 64, 2, 2, 4, 4>;
 // fp64: the 64x64 tile with a looser register cap (64 fp64 accumulators per thread).
@@ -184,7 +205,8 @@ struct KArgs {
   int64_t Z;         // slices (batches, or splits when reducing)
   int64_t tiles_m, tiles_n;
   bool reduce;
-  bool a_vec, b_vec, c_vec;
+  int a_w, b_w;  // copy widths of the operand loads in bytes: 16, 8, 4, or 0 (element-wise)
+  bool c_vec;
   int epi, chan, act;
   const void* scale;
   const void* shift;
@@ -195,72 +217,95 @@ struct KArgs {
 
 // ---------------------------------------------------------------------------------------------
 // Global -> shared tile loads (one pipeline stage).
+//
+// Both operand layouts load the same way: a tile of R rows x CPR 16-byte chunks (K-major: rows
+// m or n, chunks along k; M/N-major: rows k, chunks along m or n). Row r of the tile starts at
+// g + r * ld in global memory and at s + r * pitch in shared memory; only its first rows_left
+// rows and the first cols_left elements of each row exist, everything else is zero-filled.
+// W is the copy width in bytes, the widest to which the operand's base pointer, ld and batch
+// stride are all aligned (picked on the host: 16 when VEC): 16, 8 or 4 bytes use cp.async (so a
+// row stride that is not a multiple of 16 bytes, e.g. an NCHW plane of 196 fp16 or 49 fp32
+// values, still loads asynchronously), 0 loads element-wise through registers (16-bit types
+// with 2-byte-aligned rows, e.g. an NCHW plane of 49 fp16 values): all the loads of a thread's
+// chunks are issued before their 16-byte shared stores, so they overlap.
 
-// K-major tile: ROWS rows (m or n) x BK, rows [row0, row0+ROWS) of nrows, k [k0, k0+BK) of kext.
-template <typename T, int ROWS, int NT>
-__device__ __forceinline__ void load_kmajor(T* s, int pitch, const T* g, int64_t ld, int64_t row0,
-                                            int64_t nrows, int64_t k0, int64_t kext, bool vec,
-                                            int tid) {
-  constexpr int V = 16 / sizeof(T);
-  constexpr int CPR = 64 / sizeof(T) / V;  // 16-byte chunks per row (4)
-  constexpr int CHUNKS = ROWS * CPR;
+// One 16-byte chunk at d: its first nvalid (0..V) elements from src, the rest zero, in copies of
+// W bytes. `safe` is a valid W-aligned global address, passed to the copies that read nothing.
+template <typename T, int W>
+__device__ __forceinline__ void load_chunk(T* d, const T* src, const T* safe, int nvalid) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  constexpr int E = W / static_cast<int>(sizeof(T));  // elements per copy
+  static_assert(E >= 1 && V % E == 0, "the copy width must be a multiple of the element size");
+#pragma unroll
+  for (int q = 0; q < V / E; ++q) {
+    const int n = min(max(nvalid - q * E, 0), E);
+    cp_async<W>(d + q * E, n > 0 ? src + q * E : safe, n * static_cast<int>(sizeof(T)));
+  }
+}
+
+template <typename T, int R, int CPR, int NT, int W>
+__device__ __forceinline__ void load_tile(T* s, int pitch, const T* g, int64_t ld, int rows_left,
+                                          int cols_left, int tid) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  constexpr int CHUNKS = R * CPR;
+  constexpr int ITERS = CHUNKS / NT;
   static_assert(CHUNKS % NT == 0, "chunks must divide evenly among threads");
+  if constexpr (W == 0) {
+    // Element-wise: every load of the thread's ITERS chunks first, then the shared stores, so
+    // one global round trip per stage instead of one per chunk.
+    Pack<T, V> pk[ITERS];
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int ci = tid + it * NT;
+      const int r = ci / CPR;
+      const int c = (ci % CPR) * V;
+      const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
+      const T* src = g + r * ld + c;
+#pragma unroll
+      for (int e = 0; e < V; ++e) pk[it].v[e] = e < nvalid ? src[e] : zero_value<T>();
+    }
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int ci = tid + it * NT;
+      *reinterpret_cast<Pack<T, V>*>(s + (ci / CPR) * pitch + (ci % CPR) * V) = pk[it];
+    }
+  } else {
 #pragma unroll 1
-  for (int it = 0; it < CHUNKS / NT; ++it) {
-    const int ci = tid + it * NT;
-    const int r = ci / CPR;
-    const int kc = (ci % CPR) * V;
-    const int64_t gr = row0 + r;
-    const int64_t gk = k0 + kc;
-    T* d = s + r * pitch + kc;
-    if (vec) {
-      int bytes = 0;
-      const T* src = g;
-      if (gr < nrows && gk < kext) {
-        bytes = static_cast<int>(min(static_cast<int64_t>(V), kext - gk) * sizeof(T));
-        src = g + gr * ld + gk;
-      }
-      cp_async_16(d, src, bytes);
-    } else {
-#pragma unroll 1
-      for (int e = 0; e < V; ++e)
-        d[e] = (gr < nrows && gk + e < kext) ? g[gr * ld + gk + e] : zero_value<T>();
+    for (int it = 0; it < ITERS; ++it) {
+      const int ci = tid + it * NT;
+      const int r = ci / CPR;
+      const int c = (ci % CPR) * V;
+      const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
+      load_chunk<T, W>(s + r * pitch + c, g + r * ld + c, g, nvalid);
     }
   }
 }
 
-// M/N-major tile: BK rows (k) x COLS, k [k0, k0+BK) of kext, cols [col0, col0+COLS) of ncols.
-template <typename T, int COLS, int NT>
-__device__ __forceinline__ void load_mnmajor(T* s, int pitch, const T* g, int64_t ld, int64_t col0,
-                                             int64_t ncols, int64_t k0, int64_t kext, bool vec,
-                                             int tid) {
-  constexpr int V = 16 / sizeof(T);
-  constexpr int BK = 64 / sizeof(T);
-  constexpr int CPR = COLS / V;
-  constexpr int CHUNKS = BK * CPR;
-  static_assert(CHUNKS % NT == 0, "chunks must divide evenly among threads");
-#pragma unroll 1
-  for (int it = 0; it < CHUNKS / NT; ++it) {
-    const int ci = tid + it * NT;
-    const int r = ci / CPR;
-    const int cc = (ci % CPR) * V;
-    const int64_t gk = k0 + r;
-    const int64_t gc = col0 + cc;
-    T* d = s + r * pitch + cc;
-    if (vec) {
-      int bytes = 0;
-      const T* src = g;
-      if (gk < kext && gc < ncols) {
-        bytes = static_cast<int>(min(static_cast<int64_t>(V), ncols - gc) * sizeof(T));
-        src = g + gk * ld + gc;
+// VEC: 16-byte copies, no run-time branch. Otherwise one uniform branch on the width w, which
+// is 16 or 8 for fp64, 16, 8 or 4 for fp32 (element-aligned pointers always allow one element
+// per copy), and 16, 8, 4 or 0 for 16-bit types.
+template <typename T, int R, int CPR, int NT, bool VEC>
+__device__ __forceinline__ void load_operand(T* s, int pitch, const T* g, int64_t ld, int rows_left,
+                                             int cols_left, int w, int tid) {
+  if constexpr (!VEC) {
+    if (w == 8) {
+      load_tile<T, R, CPR, NT, 8>(s, pitch, g, ld, rows_left, cols_left, tid);
+      return;
+    }
+    if constexpr (sizeof(T) <= 4) {
+      if (w == 4) {
+        load_tile<T, R, CPR, NT, 4>(s, pitch, g, ld, rows_left, cols_left, tid);
+        return;
       }
-      cp_async_16(d, src, bytes);
-    } else {
-#pragma unroll 1
-      for (int e = 0; e < V; ++e)
-        d[e] = (gk < kext && gc + e < ncols) ? g[gk * ld + gc + e] : zero_value<T>();
+    }
+    if constexpr (sizeof(T) == 2) {
+      if (w != 16) {
+        load_tile<T, R, CPR, NT, 0>(s, pitch, g, ld, rows_left, cols_left, tid);
+        return;
+      }
     }
   }
+  load_tile<T, R, CPR, NT, 16>(s, pitch, g, ld, rows_left, cols_left, tid);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -438,11 +483,6 @@ __device__ __forceinline__ void tile_stats(const KArgs& a, Acc* cs, int64_t z, i
   }
 }
 
-template <typename OutT, int VO>
-struct alignas(16) Pack {
-  OutT v[VO];
-};
-
 // Coalesced store of the staged tile: each thread writes 16 bytes of one row per step.
 template <typename OutT, typename Acc, class C, class L>
 __device__ __forceinline__ void store_tile(const KArgs& a, const Acc* cs, int64_t z, int64_t m0,
@@ -513,11 +553,14 @@ __device__ __forceinline__ void store_tile(const KArgs& a, const Acc* cs, int64_
 // ---------------------------------------------------------------------------------------------
 // The GEMM kernel.
 
-template <Kind KD, class C, bool AK, bool BK_MAJOR>
+// VEC: both operands load with 16-byte copies (a_w == b_w == 16); otherwise the loads branch on
+// a_w / b_w at run time.
+template <Kind KD, class C, bool AK, bool BK_MAJOR, bool VEC>
 __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs args) {
   using T = typename KindTraits<KD>::T;
   using Acc = typename AccOf<T>::type;
   using L = SmemLayout<T, Acc, C, AK, BK_MAJOR>;
+  constexpr int V = L::V;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
 
@@ -526,6 +569,9 @@ __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs arg
   const int64_t tile = blockIdx.x;
   const int64_t tn = tile % args.tiles_n, tm = tile / args.tiles_n;
   const int64_t m0 = tm * C::BM, n0 = tn * C::BN;
+  // Valid rows and columns of this C tile (also the extents of the operand tiles along m, n).
+  const int mv = static_cast<int>(min(static_cast<int64_t>(C::BM), args.M - m0));
+  const int nv = static_cast<int>(min(static_cast<int64_t>(C::BN), args.N - n0));
   const T* A = static_cast<const T*>(args.a);
   const T* B = static_cast<const T*>(args.b);
 
@@ -540,27 +586,44 @@ __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs arg
     }
     const int64_t nkt = kt1 - kt0;
 
-    // Load flattened k-tile kt0 + rel (batch b = kt / KT, k offset (kt % KT) * BK) into a stage.
-    auto load_stage = [&](int64_t rel, int stage) {
-      const int64_t kt = kt0 + rel;
-      const int64_t bi = kt / args.KT;
-      const int64_t k0 = (kt - bi * args.KT) * L::BK;
+    // Flattened k-tile kt (batch kt / KT, k offset (kt % KT) * BK). The stages load k-tiles
+    // kt0, kt0 + 1, ... strictly in order (prologue, then one per iteration), so the position of
+    // the next one is kept incrementally: batch bi and k offset k0 (one division per slice, none
+    // per k-tile).
+    int64_t k0 = 0;
+    int64_t bi = z;  // batch of k-tile kt0 (reduce: kt0 / KT; no k-tile when nkt == 0)
+    if (args.reduce) {
+      bi = 0;
+      if (nkt > 0) {
+        bi = kt0 / args.KT;
+        k0 = (kt0 - bi * args.KT) * L::BK;
+      }
+    }
+
+    // Load the next k-tile into `stage`, then advance to the one after it.
+    auto load_stage = [&](int stage) {
       T* as = smem + stage * L::STAGE_ELEMS;
       T* bs = as + L::A_ELEMS;
       const T* Ab = A + bi * args.batch_a;
       const T* Bb = B + bi * args.batch_b;
-      if constexpr (AK)
-        load_kmajor<T, C::BM, C::NT>(as, L::SA, Ab, args.lda, m0, args.M, k0, args.K, args.a_vec,
-                                     tid);
-      else
-        load_mnmajor<T, C::BM, C::NT>(as, L::SA, Ab, args.lda, m0, args.M, k0, args.K, args.a_vec,
-                                      tid);
-      if constexpr (BK_MAJOR)
-        load_kmajor<T, C::BN, C::NT>(bs, L::SB, Bb, args.ldb, n0, args.N, k0, args.K, args.b_vec,
-                                     tid);
-      else
-        load_mnmajor<T, C::BN, C::NT>(bs, L::SB, Bb, args.ldb, n0, args.N, k0, args.K, args.b_vec,
-                                      tid);
+      const int kv = static_cast<int>(min(static_cast<int64_t>(L::BK), args.K - k0));
+      if constexpr (AK)  // [m][k]: BM rows of BK / V chunks
+        load_operand<T, C::BM, L::BK / V, C::NT, VEC>(as, L::SA, Ab + m0 * args.lda + k0, args.lda,
+                                                      mv, kv, args.a_w, tid);
+      else  // [k][m]: BK rows of BM / V chunks
+        load_operand<T, L::BK, C::BM / V, C::NT, VEC>(as, L::SA, Ab + k0 * args.lda + m0, args.lda,
+                                                      kv, mv, args.a_w, tid);
+      if constexpr (BK_MAJOR)  // [n][k]
+        load_operand<T, C::BN, L::BK / V, C::NT, VEC>(bs, L::SB, Bb + n0 * args.ldb + k0, args.ldb,
+                                                      nv, kv, args.b_w, tid);
+      else  // [k][n]
+        load_operand<T, L::BK, C::BN / V, C::NT, VEC>(bs, L::SB, Bb + k0 * args.ldb + n0, args.ldb,
+                                                      kv, nv, args.b_w, tid);
+      k0 += L::BK;
+      if (k0 >= args.K) {  // that was the batch's last k-tile (KT = cdiv(K, BK))
+        k0 = 0;
+        ++bi;
+      }
     };
 
     Acc acc[C::MI][C::NI][4];
@@ -576,7 +639,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs arg
     // wait_group(STAGES-2) guarantees that the group holding tile kt has landed.
 #pragma unroll
     for (int s = 0; s < C::STAGES - 1; ++s) {
-      if (s < nkt) load_stage(s, s);
+      if (s < nkt) load_stage(s);
       cp_async_commit();
     }
     int rd = 0, wr = C::STAGES - 1;
@@ -585,7 +648,7 @@ __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs arg
       // Makes tile kt visible to all threads, and guarantees everyone finished reading stage
       // `wr` (consumed in iteration kt-1) before it is refilled below.
       __syncthreads();
-      if (kt + C::STAGES - 1 < nkt) load_stage(kt + C::STAGES - 1, wr);
+      if (kt + C::STAGES - 1 < nkt) load_stage(wr);  // k-tile kt + STAGES - 1
       cp_async_commit();
       const T* as = smem + rd * L::STAGE_ELEMS;
       compute_stage<KD, C, L, AK, BK_MAJOR>(as, as + L::A_ELEMS, acc, lane, wm0, wn0);
@@ -617,8 +680,6 @@ __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs arg
         }
     }
     __syncthreads();
-    const int mv = static_cast<int>(min(static_cast<int64_t>(C::BM), args.M - m0));
-    const int nv = static_cast<int>(min(static_cast<int64_t>(C::BN), args.N - n0));
     if (args.epi == PwGemmParams::kStats)
       tile_stats<Acc, C, L>(args, cs, z, tm, tn, mv, nv, tid, lane, warp);
     if (args.epi == PwGemmParams::kPartial)
@@ -699,16 +760,39 @@ int elem_size(DType d) {
   }
 }
 
-template <Kind KD, class C, bool AK, bool BK_MAJOR>
+// Copy width (bytes) for an operand's tile loads: the widest of 16, 8, 4 (and at least one
+// element) to which its base pointer, row stride and batch stride are all aligned; 0 (element-wise
+// loads) when there is none.
+int copy_width(const void* p, int64_t ld, int64_t batch, int es) {
+  for (int w = 16; w >= 4 && w >= es; w /= 2)
+    if (reinterpret_cast<uintptr_t>(p) % w == 0 && (ld * es) % w == 0 && (batch * es) % w == 0)
+      return w;
+  return 0;
+}
+
+constexpr int kMaxDevices = 64;
+
+template <Kind KD, class C, bool AK, bool BK_MAJOR, bool VEC>
 cudaError_t launch_gemm(const KArgs& a, cudaStream_t stream) {
   using T = typename KindTraits<KD>::T;
   using L = SmemLayout<T, typename AccOf<T>::type, C, AK, BK_MAJOR>;
   constexpr size_t smem = L::BYTES;
-  auto kernel = pw_gemm_kernel<KD, C, AK, BK_MAJOR>;
+  auto kernel = pw_gemm_kernel<KD, C, AK, BK_MAJOR, VEC>;
   if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(smem));
+    // The opt-in to more than 48 KiB is per device and per kernel: set it once for each (a race
+    // between host threads only sets it twice, which is harmless; a cudaDeviceReset, which
+    // PyTorch never does, would need it set again).
+    static std::array<std::atomic<bool>, kMaxDevices> attr_set{};
+    int dev = 0;
+    cudaError_t e = cudaGetDevice(&dev);
     if (e != cudaSuccess) return e;
+    const bool cached = dev >= 0 && dev < kMaxDevices;
+    if (!cached || !attr_set[dev].load(std::memory_order_acquire)) {
+      e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+      if (e != cudaSuccess) return e;
+      if (cached) attr_set[dev].store(true, std::memory_order_release);
+    }
   }
   const dim3 grid(static_cast<unsigned>(a.tiles_m * a.tiles_n), 1,
                   static_cast<unsigned>(std::min<int64_t>(a.Z, 65535)));
@@ -716,12 +800,18 @@ cudaError_t launch_gemm(const KArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <Kind KD, class C, bool AK, bool BK_MAJOR>
+cudaError_t launch_vec(const KArgs& a, cudaStream_t stream) {
+  return a.a_w == 16 && a.b_w == 16 ? launch_gemm<KD, C, AK, BK_MAJOR, true>(a, stream)
+                                    : launch_gemm<KD, C, AK, BK_MAJOR, false>(a, stream);
+}
+
 // The operand-layout combinations the pointwise ops use: (K, K), (K, N), (M, N).
 template <Kind KD, class C>
 cudaError_t launch_layout(const KArgs& a, bool a_kmajor, bool b_kmajor, cudaStream_t stream) {
-  if (a_kmajor && b_kmajor) return launch_gemm<KD, C, true, true>(a, stream);
-  if (a_kmajor && !b_kmajor) return launch_gemm<KD, C, true, false>(a, stream);
-  if (!a_kmajor && !b_kmajor) return launch_gemm<KD, C, false, false>(a, stream);
+  if (a_kmajor && b_kmajor) return launch_vec<KD, C, true, true>(a, stream);
+  if (a_kmajor && !b_kmajor) return launch_vec<KD, C, true, false>(a, stream);
+  if (!a_kmajor && !b_kmajor) return launch_vec<KD, C, false, false>(a, stream);
   return cudaErrorInvalidValue;  // M-major A with K-major B: not needed by any op
 }
 
@@ -853,8 +943,11 @@ cudaError_t pw_gemm(const PwGemmParams& p, DType dtype, cudaStream_t stream) {
   a.tiles_m = cdiv(p.M, bm);
   a.tiles_n = cdiv(p.N, bn);
   if (a.tiles_m * a.tiles_n > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  a.a_vec = p.lda % V == 0 && p.batch_a % V == 0 && aligned16(p.a);
-  a.b_vec = p.ldb % V == 0 && p.batch_b % V == 0 && aligned16(p.b);
+  a.a_w = copy_width(p.a, p.lda, p.batch_a, es);
+  a.b_w = copy_width(p.b, p.ldb, p.batch_b, es);
+  // Element-wise loads exist for 16-bit types only; wider elements are at least 4-byte aligned
+  // (fp32: one element per copy; fp64: 8 bytes) unless the pointer is not element-aligned.
+  if (es > 2 && (a.a_w == 0 || a.b_w == 0)) return cudaErrorMisalignedAddress;
   const int vo = p.epi == PwGemmParams::kPartial ? 16 / (dtype == DType::kFloat64 ? 8 : 4) : V;
   a.c_vec = p.ldc % vo == 0 && p.batch_c % vo == 0 && aligned16(p.c);
   a.epi = p.epi, a.chan = p.chan, a.act = p.act;

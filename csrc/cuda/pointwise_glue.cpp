@@ -46,6 +46,12 @@ void check_like(const char* op, const char* name, const at::Tensor& t, const at:
               t.strides());
 }
 
+// The shape handed to the kernels: s with the layout they index by (kernel_nhwc).
+cuda::PwShape kernel_shape(cuda::PwShape s) {
+  s.nhwc = kernel_nhwc(s.nhwc, s.HW);
+  return s;
+}
+
 at::Tensor workspace(int64_t bytes, const at::Tensor& like) {
   return at::empty({std::max<int64_t>(bytes, 16)}, like.options().dtype(at::kByte));
 }
@@ -61,9 +67,8 @@ at::Tensor pw_fwd_cuda(const at::Tensor& x, const at::Tensor& weight, const at::
   at::Tensor y =
       new_output({s.N, s.Cout, x.size(2), x.size(3)}, x.options(), memory_format(s.nhwc));
   if (y.numel() == 0) return y;
-  cuda::PwFwdParams p{x.data_ptr(),          weight.data_ptr(), scale.data_ptr(),
-                      shift.data_ptr(),      y.data_ptr(),      s,
-                      static_cast<int>(act), allow_tf32()};
+  cuda::PwFwdParams p{x.data_ptr(), weight.data_ptr(), scale.data_ptr(),      shift.data_ptr(),
+                      y.data_ptr(), kernel_shape(s),   static_cast<int>(act), allow_tf32()};
   check_cuda(op, cuda::pw_fwd(p, cuda_dtype(op, x.scalar_type()), current_stream()));
   return y;
 }
@@ -85,10 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_stats_cuda(const at::Tenso
     return {z, mean, var};
   }
   const cuda::DType dtype = cuda_dtype(op, x.scalar_type());
-  cuda::PwFwdStatsParams p{x.data_ptr(),   weight.data_ptr(),
-                           z.data_ptr(),   mean.data_ptr(),
-                           var.data_ptr(), s,
-                           allow_tf32(),   nullptr};
+  cuda::PwFwdStatsParams p{x.data_ptr(),   weight.data_ptr(), z.data_ptr(), mean.data_ptr(),
+                           var.data_ptr(), kernel_shape(s),   allow_tf32(), nullptr};
   at::Tensor ws = workspace(cuda::pw_fwd_stats_workspace_bytes(p, dtype), x);
   p.workspace = ws.data_ptr();
   check_cuda(op, cuda::pw_fwd_stats(p, dtype, current_stream()));
@@ -133,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_reduce_cuda(const at::Tensor& grad_y, 
                             z.size(0),
                             C,
                             z.size(2) * z.size(3),
-                            nhwc,
+                            kernel_nhwc(nhwc, z.size(2) * z.size(3)),
                             static_cast<int>(act),
                             nullptr};
   at::Tensor ws = workspace(cuda::pw_bwd_reduce_workspace_bytes(p, dtype), z);
@@ -148,10 +151,18 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_cuda(const at::Tensor& grad_y, const a
                                                const at::Tensor& k, const at::Tensor& b,
                                                const at::Tensor& c, int64_t act) {
   constexpr const char* op = "pw_bwd";
-  const cuda::PwShape s = check_x_weight(op, x, weight);
+  cuda::PwShape s = check_x_weight(op, x, weight);
+  const bool x_nhwc = s.nhwc;
+  // Layout shared by z/grad_y (Cout channels) and x (Cin channels), decided as the CPU op does
+  // (cpu/pointwise_bwd.cpp, pw_bwd_layout): channels_last if z or x is strictly channels_last;
+  // every tensor must then be dense in it (one channel or 1x1 images: dense in both).
+  s.nhwc = is_nhwc(op, "z", z) || x_nhwc;
   const std::vector<int64_t> zsizes{s.N, s.Cout, x.size(2), x.size(3)};
   check_like(op, "z", z, x, "x", zsizes, s.nhwc);
   check_like(op, "grad_y", grad_y, x, "x", zsizes, s.nhwc);
+  TORCH_CHECK(x.is_contiguous(memory_format(s.nhwc)), "dwsep::", op,
+              ": x must be contiguous in the layout of z (", s.nhwc ? "channels_last" : "NCHW",
+              "), got strides ", x.strides());
   check_act(op, act);
   check_channel_vec(op, "scale", scale, s.Cout, x);
   check_channel_vec(op, "shift", shift, s.Cout, x);
@@ -159,7 +170,9 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_cuda(const at::Tensor& grad_y, const a
   check_channel_vec(op, "b", b, s.Cout, x);
   check_channel_vec(op, "c", c, s.Cout, x);
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor grad_x = new_output(x.sizes(), x.options(), memory_format(s.nhwc));
+  // grad_x follows x's own format (as the CPU op and the fake impl do); for an x dense in both
+  // formats the two coincide in memory.
+  at::Tensor grad_x = new_output(x.sizes(), x.options(), memory_format(x_nhwc));
   at::Tensor grad_w = new_output(weight.sizes(), weight.options());
   if (s.N * s.HW == 0 || s.Cout == 0 || s.Cin == 0) {
     // Empty sums: grad_w (if any) is 0 without samples, grad_x (if any) is 0 without outputs.
@@ -172,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> pw_bwd_cuda(const at::Tensor& grad_y, const a
   cuda::PwBwdParams p{
       grad_y.data_ptr(),     z.data_ptr(),      x.data_ptr(),      weight.data_ptr(),
       scale.data_ptr(),      shift.data_ptr(),  k.data_ptr(),      b.data_ptr(),
-      c.data_ptr(),          grad_x.data_ptr(), grad_w.data_ptr(), s,
+      c.data_ptr(),          grad_x.data_ptr(), grad_w.data_ptr(), kernel_shape(s),
       static_cast<int>(act), allow_tf32(),      g_conv.data_ptr(), nullptr};
   at::Tensor ws = workspace(cuda::pw_bwd_workspace_bytes(p, dtype), x);
   p.workspace = ws.data_ptr();
