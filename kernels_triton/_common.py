@@ -23,11 +23,12 @@ def acc_tl_dtype(dtype: torch.dtype):
 
 @triton.jit
 def apply_act(v, ACT: tl.constexpr):
-    """ACT: 0 none, 1 relu, 2 relu6."""
+    """ACT: 0 none, 1 relu, 2 relu6. NaN stays NaN, as with F.relu / F.hardtanh: comparisons
+    with NaN are false, so tl.where keeps v (tl.maximum/tl.minimum would return the bound)."""
     if ACT == 1:
-        v = tl.where(v > 0, v, 0.0)
+        v = tl.where(v < 0, 0.0, v)
     elif ACT == 2:
-        v = tl.minimum(tl.maximum(v, 0.0), 6.0)
+        v = tl.where(v < 0, 0.0, tl.where(v > 6, 6.0, v))
     return v
 
 

@@ -72,6 +72,39 @@ def test_every_output_element_written(op, backend, device, layout):
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation", ["relu6", "relu", None])
+def test_nan_propagates(op, backend, device, layout, activation):
+    """A NaN in x gives NaN exactly where F.conv2d + F.batch_norm + the activation give NaN (in
+    float64): activations must not clamp NaN to 0 or 6, as a max/min-based relu can."""
+    shape, extra, kw = OPS[op]
+    x, weight, bn = make_inputs(op, shape, torch.float32, device, **extra)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 4, 0, 0] = float("nan")
+    x = to_layout(x, layout)
+    y = call(op, backend, x, weight, bn, training=False, activation=activation, **kw)
+    fn = dwsep.reference.depthwise_conv_bn_act
+    if op == "pointwise":
+        fn = dwsep.reference.pointwise_conv_bn_act
+    ref = fn(
+        x.double(),
+        weight.double(),
+        **{k: v.double() for k, v in bn.items()},
+        training=False,
+        activation=activation,
+        **kw,
+    )
+    nan = torch.isnan(ref)
+    assert nan.any()
+    assert torch.equal(torch.isnan(y), nan), (
+        f"{backend}: NaN pattern differs ({int(torch.isnan(y).sum())} NaN vs "
+        f"{int(nan.sum())} in the reference)"
+    )
+    torch.testing.assert_close(y[~nan].double(), ref[~nan], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_deterministic(op, backend, device, layout):
     shape, extra, kw = OPS[op]
 
