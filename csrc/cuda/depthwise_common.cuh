@@ -74,6 +74,64 @@ __device__ __forceinline__ Acc conv_from_tile(const Acc* xs, const Acc (&wr)[9],
   return z;
 }
 
+// ------------------------------------------------------------------------------------------
+// Finalize reductions: fold a [chunks][E] table of per-chunk partials (column e of chunk j at
+// ws[j*E + e]) over the chunks, in parallel but in a fixed order. A block of kDwThreads takes
+// CG = kDwThreads / L consecutive columns with L lanes each (thread t: column t % CG, lane
+// t / CG, so a warp reads consecutive columns of one chunk). Lane l folds chunks l, l + L,
+// l + 2L, ... in that order, then a fixed-shape shared-memory tree combines the L lane results
+// (lane l += lane l + off for off = L/2, ..., 1). L is a power of two that depends on `chunks`
+// only, so the result is bitwise reproducible run to run, independent of scheduling.
+constexpr int kFinChunksPerLane = 8;  // target sequential chunks per lane
+constexpr int kFinBatch = 4;          // loads a lane issues before folding them
+
+inline int finalize_lanes(int64_t chunks) {
+  int L = 1;
+  while (L < kDwThreads && static_cast<int64_t>(L) * kFinChunksPerLane < chunks) L *= 2;
+  return L;
+}
+
+inline unsigned finalize_blocks(int64_t E, int L) {
+  const int64_t cg = kDwThreads / L;
+  const int64_t blocks = (E + cg - 1) / cg;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);  // columns e >= E do nothing
+}
+
+// Sum over chunks of column e = blockIdx.x * CG + threadIdx.x % CG (in Acc); valid in lane 0
+// (threadIdx.x < CG) of columns e < E. Every thread of the block must call it (barriers).
+template <typename Acc>
+__device__ __forceinline__ Acc finalize_column_sum(const Acc* __restrict__ ws, int64_t chunks,
+                                                   int64_t E, int L, int64_t& e) {
+  __shared__ Acc red[kDwThreads];
+  const int CG = kDwThreads / L;
+  const int t = threadIdx.x;
+  const int ci = t % CG;
+  const int l = t / CG;
+  e = static_cast<int64_t>(blockIdx.x) * CG + ci;
+  Acc a = Acc(0);
+  if (e < E) {
+    for (int64_t j = l; j < chunks; j += static_cast<int64_t>(kFinBatch) * L) {
+      Acc v[kFinBatch];
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        const int64_t ju = j + static_cast<int64_t>(u) * L;
+        v[u] = ju < chunks ? ws[ju * E + e] : Acc(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        if (j + static_cast<int64_t>(u) * L < chunks) a += v[u];
+      }
+    }
+  }
+  red[t] = a;
+  __syncthreads();
+  for (int off = L / 2; off > 0; off /= 2) {
+    if (l < off) red[t] = red[t] + red[t + off * CG];
+    __syncthreads();
+  }
+  return red[t];
+}
+
 inline unsigned grid_1d(int64_t work_items, int64_t per_block) {
   const int64_t blocks = (work_items + per_block - 1) / per_block;
   constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
