@@ -102,7 +102,9 @@ __global__ void __launch_bounds__(kDwThreads, 2)
         const int64_t ho = ho0 + r, wo = wo0 + q;
         if (ho >= s.Ho || wo >= s.Wo) continue;
         const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
-        const Acc gz = act_pass_rt(act, to_acc<Acc>(y[o])) ? to_acc<Acc>(grad_y[o]) : Acc(0);
+        const Acc yv = to_acc<Acc>(y[o]);  // both loads issued before the activation test
+        const Acc gyv = to_acc<Acc>(grad_y[o]);
+        const Acc gz = act_pass_rt(act, yv) ? gyv : Acc(0);
         const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
         s_gz += gz;
         s_gzx += gz * ((z - mu) * is);
@@ -201,23 +203,42 @@ __global__ void __launch_bounds__(kDwThreads, 2)
     load_x_tile<NHWC>(xs, x, n, c, cok, s, gho0 * S - 1, gwo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
     __syncthreads();
 
-    // 2. g_conv tile (with halo).
-    for (int p = pl; p < gpix; p += PL) {
-      const int gr = p / g.GW;
-      const int gq = p - gr * g.GW;
-      const int64_t ho = gho0 + gr, wo = gwo0 + gq;
-      Acc gv = Acc(0);
-      if (cok && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo) {
-        const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
-        const Acc gz = act_pass_rt(act, to_acc<Acc>(y[o])) ? to_acc<Acc>(grad_y[o]) : Acc(0);
-        gv = kc * gz;
-        if (use_z) {
-          // Output (ho0 + r) with r = gr - lo: conv_from_tile's tile row (r + lo)*S + i.
-          const Acc z = conv_from_tile<S, NHWC>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, g.CB, cl);
-          gv += bc * z + cc;
-        }
+    // 2. g_conv tile (with halo). Each thread first loads y and grad_y of up to kTileBatch
+    //    pixels (predicated on being in range, both regardless of the activation), then the
+    //    activation test selects and the values are stored.
+    for (int p0 = pl; p0 < gpix; p0 += kTileBatch * PL) {
+      Acc yv[kTileBatch], gyv[kTileBatch];
+      bool ok[kTileBatch];
+#pragma unroll
+      for (int u = 0; u < kTileBatch; ++u) {
+        const int p = p0 + u * PL;
+        const int gr = p / g.GW;
+        const int gq = p - gr * g.GW;
+        const int64_t ho = gho0 + gr, wo = gwo0 + gq;
+        ok[u] = cok && p < gpix && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo;
+        const int64_t o = ok[u] ? offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo) : 0;
+        yv[u] = ok[u] ? to_acc<Acc>(y[o]) : Acc(0);
+        gyv[u] = ok[u] ? to_acc<Acc>(grad_y[o]) : Acc(0);
       }
-      gs[sidx<NHWC>(p, cl, g.CB, gpix)] = gv;
+#pragma unroll
+      for (int u = 0; u < kTileBatch; ++u) {
+        const int p = p0 + u * PL;
+        if (p >= gpix) continue;
+        const int gr = p / g.GW;
+        const int gq = p - gr * g.GW;
+        Acc gv = Acc(0);
+        if (ok[u]) {
+          const Acc gz = act_pass_rt(act, yv[u]) ? gyv[u] : Acc(0);
+          gv = kc * gz;
+          if (use_z) {
+            // Output (ho0 + r) with r = gr - lo: conv_from_tile's tile row (r + lo)*S + i.
+            const Acc z =
+                conv_from_tile<S, NHWC>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, g.CB, cl);
+            gv += bc * z + cc;
+          }
+        }
+        gs[sidx<NHWC>(p, cl, g.CB, gpix)] = gv;
+      }
     }
     __syncthreads();
 

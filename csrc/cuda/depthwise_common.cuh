@@ -36,23 +36,34 @@ __device__ __forceinline__ void lanes(int CB, int& cl, int& pl) {
 }
 
 // Stages x[n, c, r0 + r, q0 + q] for r < XH, q < XW into xs (acc dtype), 0 outside the image
-// or when the channel lane is past C (cok false). Called by all threads of the block.
+// or when the channel lane is past C (cok false). Called by all threads of the block. Each
+// thread first loads up to kTileBatch values into registers (predicated, 0 where out of range)
+// and then stores them, so its global loads are in flight together.
+constexpr int kTileBatch = 4;
+
 template <bool NHWC, typename T, typename Acc>
 __device__ __forceinline__ void load_x_tile(Acc* xs, const T* __restrict__ x, int64_t n, int64_t c,
                                             bool cok, const DwShape& s, int64_t r0, int64_t q0,
                                             int XH, int XW, int CB, int cl, int pl) {
   const int PL = kDwThreads / CB;
   const int npix = XH * XW;
-  for (int p = pl; p < npix; p += PL) {
-    const int r = p / XW;
-    const int q = p - r * XW;
-    const int64_t h = r0 + r;
-    const int64_t w = q0 + q;
-    Acc v = Acc(0);
-    if (cok && h >= 0 && h < s.H && w >= 0 && w < s.W) {
-      v = to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]);
+  for (int p0 = pl; p0 < npix; p0 += kTileBatch * PL) {
+    Acc v[kTileBatch];
+#pragma unroll
+    for (int u = 0; u < kTileBatch; ++u) {
+      const int p = p0 + u * PL;
+      const int r = p / XW;
+      const int q = p - r * XW;
+      const int64_t h = r0 + r;
+      const int64_t w = q0 + q;
+      const bool ok = cok && p < npix && h >= 0 && h < s.H && w >= 0 && w < s.W;
+      v[u] = ok ? to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]) : Acc(0);
     }
-    xs[sidx<NHWC>(p, cl, CB, npix)] = v;
+#pragma unroll
+    for (int u = 0; u < kTileBatch; ++u) {
+      const int p = p0 + u * PL;
+      if (p < npix) xs[sidx<NHWC>(p, cl, CB, npix)] = v[u];
+    }
   }
 }
 
