@@ -49,10 +49,11 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v)
   return __float2bfloat16_rn(v);
 }
 
-// act: 0 = none, 1 = relu, 2 = relu6.
+// act: 0 = none, 1 = relu, 2 = relu6. NaN propagates (as F.relu / F.relu6): every
+// comparison with NaN is false, so both select v.
 template <int ACT, typename Acc>
 __device__ __forceinline__ Acc apply_act(Acc v) {
-  if (ACT == 1) return v > Acc(0) ? v : Acc(0);
+  if (ACT == 1) return v < Acc(0) ? Acc(0) : v;
   if (ACT == 2) return v < Acc(0) ? Acc(0) : (v > Acc(6) ? Acc(6) : v);
   return v;
 }

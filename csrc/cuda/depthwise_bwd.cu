@@ -102,7 +102,9 @@ __global__ void __launch_bounds__(kDwThreads, 2)
         const int64_t ho = ho0 + r, wo = wo0 + q;
         if (ho >= s.Ho || wo >= s.Wo) continue;
         const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
-        const Acc gz = act_pass_rt(act, to_acc<Acc>(y[o])) ? to_acc<Acc>(grad_y[o]) : Acc(0);
+        const Acc yv = to_acc<Acc>(y[o]);  // both loads issued before the activation test
+        const Acc gyv = to_acc<Acc>(grad_y[o]);
+        const Acc gz = act_pass_rt(act, yv) ? gyv : Acc(0);
         const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
         s_gz += gz;
         s_gzx += gz * ((z - mu) * is);
@@ -117,19 +119,17 @@ __global__ void __launch_bounds__(kDwThreads, 2)
   }
 }
 
+// Column e of the [chunks][2C] workspace is sum_gz[e / 2] (e even) or sum_gz_xhat[e / 2] (odd),
+// folded over the chunks in the fixed order of finalize_column_sum.
 template <typename Acc>
 __global__ void __launch_bounds__(kDwThreads)
-    dw_bwd_reduce_finalize_kernel(const Acc* __restrict__ ws, int64_t chunks, int64_t C,
+    dw_bwd_reduce_finalize_kernel(const Acc* __restrict__ ws, int64_t chunks, int64_t C, int L,
                                   Acc* __restrict__ sum_gz, Acc* __restrict__ sum_gzx) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Acc a = Acc(0), b = Acc(0);
-    for (int64_t j = 0; j < chunks; ++j) {
-      a += ws[(j * C + c) * 2 + 0];
-      b += ws[(j * C + c) * 2 + 1];
-    }
-    sum_gz[c] = a;
-    sum_gzx[c] = b;
+  int64_t e;
+  const Acc a = finalize_column_sum(ws, chunks, 2 * C, L, e);
+  if (static_cast<int>(threadIdx.x) < kDwThreads / L && e < 2 * C) {
+    Acc* out = (e & 1) ? sum_gzx : sum_gz;
+    out[e >> 1] = a;
   }
 }
 
@@ -203,23 +203,42 @@ __global__ void __launch_bounds__(kDwThreads, 2)
     load_x_tile<NHWC>(xs, x, n, c, cok, s, gho0 * S - 1, gwo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
     __syncthreads();
 
-    // 2. g_conv tile (with halo).
-    for (int p = pl; p < gpix; p += PL) {
-      const int gr = p / g.GW;
-      const int gq = p - gr * g.GW;
-      const int64_t ho = gho0 + gr, wo = gwo0 + gq;
-      Acc gv = Acc(0);
-      if (cok && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo) {
-        const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
-        const Acc gz = act_pass_rt(act, to_acc<Acc>(y[o])) ? to_acc<Acc>(grad_y[o]) : Acc(0);
-        gv = kc * gz;
-        if (use_z) {
-          // Output (ho0 + r) with r = gr - lo: conv_from_tile's tile row (r + lo)*S + i.
-          const Acc z = conv_from_tile<S, NHWC>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, g.CB, cl);
-          gv += bc * z + cc;
-        }
+    // 2. g_conv tile (with halo). Each thread first loads y and grad_y of up to kTileBatch
+    //    pixels (predicated on being in range, both regardless of the activation), then the
+    //    activation test selects and the values are stored.
+    for (int p0 = pl; p0 < gpix; p0 += kTileBatch * PL) {
+      Acc yv[kTileBatch], gyv[kTileBatch];
+      bool ok[kTileBatch];
+#pragma unroll
+      for (int u = 0; u < kTileBatch; ++u) {
+        const int p = p0 + u * PL;
+        const int gr = p / g.GW;
+        const int gq = p - gr * g.GW;
+        const int64_t ho = gho0 + gr, wo = gwo0 + gq;
+        ok[u] = cok && p < gpix && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo;
+        const int64_t o = ok[u] ? offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo) : 0;
+        yv[u] = ok[u] ? to_acc<Acc>(y[o]) : Acc(0);
+        gyv[u] = ok[u] ? to_acc<Acc>(grad_y[o]) : Acc(0);
       }
-      gs[sidx<NHWC>(p, cl, g.CB, gpix)] = gv;
+#pragma unroll
+      for (int u = 0; u < kTileBatch; ++u) {
+        const int p = p0 + u * PL;
+        if (p >= gpix) continue;
+        const int gr = p / g.GW;
+        const int gq = p - gr * g.GW;
+        Acc gv = Acc(0);
+        if (ok[u]) {
+          const Acc gz = act_pass_rt(act, yv[u]) ? gyv[u] : Acc(0);
+          gv = kc * gz;
+          if (use_z) {
+            // Output (ho0 + r) with r = gr - lo: conv_from_tile's tile row (r + lo)*S + i.
+            const Acc z =
+                conv_from_tile<S, NHWC>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, g.CB, cl);
+            gv += bc * z + cc;
+          }
+        }
+        gs[sidx<NHWC>(p, cl, g.CB, gpix)] = gv;
+      }
     }
     __syncthreads();
 
@@ -272,19 +291,16 @@ __global__ void __launch_bounds__(kDwThreads, 2)
   }
 }
 
-// grad_w[c*9 + k] = sum over chunks j = 0, 1, ... of ws[(j*C + c)*9 + k], in weight's dtype.
+// grad_w[e] (e = c*9 + k) = column e of the [chunks][9C] workspace folded over the chunks in
+// the fixed order of finalize_column_sum, in weight's dtype.
 template <typename T>
 __global__ void __launch_bounds__(kDwThreads)
     dw_bwd_finalize_kernel(const typename AccOf<T>::type* __restrict__ ws, int64_t chunks,
-                           int64_t C, T* __restrict__ grad_w) {
+                           int64_t C, int L, T* __restrict__ grad_w) {
   using Acc = typename AccOf<T>::type;
-  const int64_t CK = C * 9;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < CK;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    Acc a = Acc(0);
-    for (int64_t j = 0; j < chunks; ++j) a += ws[j * CK + e];
-    grad_w[e] = from_acc<T>(a);
-  }
+  int64_t e;
+  const Acc a = finalize_column_sum(ws, chunks, 9 * C, L, e);
+  if (static_cast<int>(threadIdx.x) < kDwThreads / L && e < 9 * C) grad_w[e] = from_acc<T>(a);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -303,8 +319,9 @@ cudaError_t launch_bwd_reduce(const DwBwdReduceParams& p, DType dtype, cudaStrea
       static_cast<const Acc*>(p.invstd), ws, p.s, g, p.act);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  dw_bwd_reduce_finalize_kernel<Acc><<<grid_1d(p.s.C, kDwThreads), kDwThreads, 0, stream>>>(
-      ws, g.chunks, p.s.C, static_cast<Acc*>(p.sum_gz), static_cast<Acc*>(p.sum_gz_xhat));
+  const int L = finalize_lanes(g.chunks);
+  dw_bwd_reduce_finalize_kernel<Acc><<<finalize_blocks(2 * p.s.C, L), kDwThreads, 0, stream>>>(
+      ws, g.chunks, p.s.C, L, static_cast<Acc*>(p.sum_gz), static_cast<Acc*>(p.sum_gz_xhat));
   return cudaGetLastError();
 }
 
@@ -321,8 +338,9 @@ cudaError_t launch_bwd(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
       static_cast<const Acc*>(p.c), static_cast<T*>(p.grad_x), ws, p.s, g, p.act, p.use_z);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  dw_bwd_finalize_kernel<T><<<grid_1d(p.s.C * 9, kDwThreads), kDwThreads, 0, stream>>>(
-      ws, g.chunks, p.s.C, static_cast<T*>(p.grad_weight));
+  const int L = finalize_lanes(g.chunks);
+  dw_bwd_finalize_kernel<T><<<finalize_blocks(9 * p.s.C, L), kDwThreads, 0, stream>>>(
+      ws, g.chunks, p.s.C, L, static_cast<T*>(p.grad_weight));
   return cudaGetLastError();
 }
 

@@ -36,23 +36,34 @@ __device__ __forceinline__ void lanes(int CB, int& cl, int& pl) {
 }
 
 // Stages x[n, c, r0 + r, q0 + q] for r < XH, q < XW into xs (acc dtype), 0 outside the image
-// or when the channel lane is past C (cok false). Called by all threads of the block.
+// or when the channel lane is past C (cok false). Called by all threads of the block. Each
+// thread first loads up to kTileBatch values into registers (predicated, 0 where out of range)
+// and then stores them, so its global loads are in flight together.
+constexpr int kTileBatch = 4;
+
 template <bool NHWC, typename T, typename Acc>
 __device__ __forceinline__ void load_x_tile(Acc* xs, const T* __restrict__ x, int64_t n, int64_t c,
                                             bool cok, const DwShape& s, int64_t r0, int64_t q0,
                                             int XH, int XW, int CB, int cl, int pl) {
   const int PL = kDwThreads / CB;
   const int npix = XH * XW;
-  for (int p = pl; p < npix; p += PL) {
-    const int r = p / XW;
-    const int q = p - r * XW;
-    const int64_t h = r0 + r;
-    const int64_t w = q0 + q;
-    Acc v = Acc(0);
-    if (cok && h >= 0 && h < s.H && w >= 0 && w < s.W) {
-      v = to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]);
+  for (int p0 = pl; p0 < npix; p0 += kTileBatch * PL) {
+    Acc v[kTileBatch];
+#pragma unroll
+    for (int u = 0; u < kTileBatch; ++u) {
+      const int p = p0 + u * PL;
+      const int r = p / XW;
+      const int q = p - r * XW;
+      const int64_t h = r0 + r;
+      const int64_t w = q0 + q;
+      const bool ok = cok && p < npix && h >= 0 && h < s.H && w >= 0 && w < s.W;
+      v[u] = ok ? to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]) : Acc(0);
     }
-    xs[sidx<NHWC>(p, cl, CB, npix)] = v;
+#pragma unroll
+    for (int u = 0; u < kTileBatch; ++u) {
+      const int p = p0 + u * PL;
+      if (p < npix) xs[sidx<NHWC>(p, cl, CB, npix)] = v[u];
+    }
   }
 }
 
@@ -72,6 +83,64 @@ __device__ __forceinline__ Acc conv_from_tile(const Acc* xs, const Acc (&wr)[9],
     }
   }
   return z;
+}
+
+// ------------------------------------------------------------------------------------------
+// Finalize reductions: fold a [chunks][E] table of per-chunk partials (column e of chunk j at
+// ws[j*E + e]) over the chunks, in parallel but in a fixed order. A block of kDwThreads takes
+// CG = kDwThreads / L consecutive columns with L lanes each (thread t: column t % CG, lane
+// t / CG, so a warp reads consecutive columns of one chunk). Lane l folds chunks l, l + L,
+// l + 2L, ... in that order, then a fixed-shape shared-memory tree combines the L lane results
+// (lane l += lane l + off for off = L/2, ..., 1). L is a power of two that depends on `chunks`
+// only, so the result is bitwise reproducible run to run, independent of scheduling.
+constexpr int kFinChunksPerLane = 8;  // target sequential chunks per lane
+constexpr int kFinBatch = 4;          // loads a lane issues before folding them
+
+inline int finalize_lanes(int64_t chunks) {
+  int L = 1;
+  while (L < kDwThreads && static_cast<int64_t>(L) * kFinChunksPerLane < chunks) L *= 2;
+  return L;
+}
+
+inline unsigned finalize_blocks(int64_t E, int L) {
+  const int64_t cg = kDwThreads / L;
+  const int64_t blocks = (E + cg - 1) / cg;
+  return static_cast<unsigned>(blocks < 1 ? 1 : blocks);  // columns e >= E do nothing
+}
+
+// Sum over chunks of column e = blockIdx.x * CG + threadIdx.x % CG (in Acc); valid in lane 0
+// (threadIdx.x < CG) of columns e < E. Every thread of the block must call it (barriers).
+template <typename Acc>
+__device__ __forceinline__ Acc finalize_column_sum(const Acc* __restrict__ ws, int64_t chunks,
+                                                   int64_t E, int L, int64_t& e) {
+  __shared__ Acc red[kDwThreads];
+  const int CG = kDwThreads / L;
+  const int t = threadIdx.x;
+  const int ci = t % CG;
+  const int l = t / CG;
+  e = static_cast<int64_t>(blockIdx.x) * CG + ci;
+  Acc a = Acc(0);
+  if (e < E) {
+    for (int64_t j = l; j < chunks; j += static_cast<int64_t>(kFinBatch) * L) {
+      Acc v[kFinBatch];
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        const int64_t ju = j + static_cast<int64_t>(u) * L;
+        v[u] = ju < chunks ? ws[ju * E + e] : Acc(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        if (j + static_cast<int64_t>(u) * L < chunks) a += v[u];
+      }
+    }
+  }
+  red[t] = a;
+  __syncthreads();
+  for (int off = L / 2; off > 0; off /= 2) {
+    if (l < off) red[t] = red[t] + red[t + off * CG];
+    __syncthreads();
+  }
+  return red[t];
 }
 
 inline unsigned grid_1d(int64_t work_items, int64_t per_block) {

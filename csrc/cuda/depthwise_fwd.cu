@@ -306,27 +306,74 @@ __global__ void __launch_bounds__(kDwThreads, 2)
   }
 }
 
+// Folds the per-chunk (count, mean, M2) triples of each channel (ws[(j*C + c)*3 + 0..2]) with
+// Chan's merge, in the fixed order of finalize_column_sum (lane l takes chunks l, l + L, ...
+// sequentially, then a fixed shared-memory tree over the L lanes). Counts are merged in double
+// (exact integers well past 2^24); mean and M2 in Acc.
+template <typename Acc>
+__device__ __forceinline__ void chan_merge_fin(double& na, Acc& ma, Acc& Ma, double nb, Acc mb,
+                                               Acc Mb) {
+  if (nb == 0.0) return;
+  const double nt = na + nb;
+  const Acc d = mb - ma;
+  const Acc f = static_cast<Acc>(nb / nt);
+  ma = ma + d * f;
+  Ma = Ma + Mb + d * d * static_cast<Acc>(na) * f;
+  na = nt;
+}
+
 template <typename Acc>
 __global__ void __launch_bounds__(kDwThreads)
-    dw_stats_finalize_kernel(const Acc* __restrict__ ws, int64_t chunks, int64_t C,
+    dw_stats_finalize_kernel(const Acc* __restrict__ ws, int64_t chunks, int64_t C, int L,
                              Acc* __restrict__ mean, Acc* __restrict__ var) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    double n = 0.0;  // exact integer counts well past 2^24
-    Acc m = Acc(0), M = Acc(0);
-    for (int64_t j = 0; j < chunks; ++j) {
-      const Acc* in = ws + (j * C + c) * 3;
-      const double nb = static_cast<double>(in[0]);
-      if (nb == 0.0) continue;
-      const double nt = n + nb;
-      const Acc d = in[1] - m;
-      const Acc f = static_cast<Acc>(nb / nt);
-      m = m + d * f;
-      M = M + in[2] + d * d * static_cast<Acc>(n) * f;
-      n = nt;
+  __shared__ double red_n[kDwThreads];
+  __shared__ Acc red_m[kDwThreads];
+  __shared__ Acc red_M[kDwThreads];
+  const int CG = kDwThreads / L;
+  const int t = threadIdx.x;
+  const int ci = t % CG;
+  const int l = t / CG;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * CG + ci;
+  double n = 0.0;
+  Acc m = Acc(0), M = Acc(0);
+  if (c < C) {
+    for (int64_t j = l; j < chunks; j += static_cast<int64_t>(kFinBatch) * L) {
+      Acc vn[kFinBatch], vm[kFinBatch], vM[kFinBatch];
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        const int64_t ju = j + static_cast<int64_t>(u) * L;
+        const bool ok = ju < chunks;
+        const Acc* in = ws + ((ok ? ju : 0) * C + c) * 3;
+        vn[u] = ok ? in[0] : Acc(0);  // a count of 0 is skipped by the merge
+        vm[u] = ok ? in[1] : Acc(0);
+        vM[u] = ok ? in[2] : Acc(0);
+      }
+#pragma unroll
+      for (int u = 0; u < kFinBatch; ++u) {
+        chan_merge_fin(n, m, M, static_cast<double>(vn[u]), vm[u], vM[u]);
+      }
     }
-    mean[c] = n > 0.0 ? m : Acc(0);
-    var[c] = n > 0.0 ? M / static_cast<Acc>(n) : Acc(0);
+  }
+  red_n[t] = n;
+  red_m[t] = m;
+  red_M[t] = M;
+  __syncthreads();
+  for (int off = L / 2; off > 0; off /= 2) {
+    if (l < off) {
+      const int o = t + off * CG;
+      double na = red_n[t];
+      Acc ma = red_m[t], Ma = red_M[t];
+      chan_merge_fin(na, ma, Ma, red_n[o], red_m[o], red_M[o]);
+      red_n[t] = na;
+      red_m[t] = ma;
+      red_M[t] = Ma;
+    }
+    __syncthreads();
+  }
+  if (l == 0 && c < C) {
+    const double nt = red_n[t];
+    mean[c] = nt > 0.0 ? red_m[t] : Acc(0);
+    var[c] = nt > 0.0 ? red_M[t] / static_cast<Acc>(nt) : Acc(0);
   }
 }
 
@@ -371,8 +418,9 @@ cudaError_t launch_stats(const DwStatsParams& p, DType dtype, cudaStream_t strea
       static_cast<const T*>(p.x), static_cast<const T*>(p.weight), ws, p.s, g);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  dw_stats_finalize_kernel<Acc><<<grid_1d(p.s.C, kDwThreads), kDwThreads, 0, stream>>>(
-      ws, g.chunks, p.s.C, static_cast<Acc*>(p.mean), static_cast<Acc*>(p.var));
+  const int L = finalize_lanes(g.chunks);
+  dw_stats_finalize_kernel<Acc><<<finalize_blocks(p.s.C, L), kDwThreads, 0, stream>>>(
+      ws, g.chunks, p.s.C, L, static_cast<Acc*>(p.mean), static_cast<Acc*>(p.var));
   return cudaGetLastError();
 }
 
