@@ -1,23 +1,33 @@
 """Ahead-of-time compile check of the Triton kernels for NVIDIA GPUs, without a GPU.
 
 Every launcher in ``kernels_triton`` is run on ``meta`` tensors (shapes, strides and dtypes, no
-data) for a set of scenarios: each dtype, layout (NCHW, channels_last, and the mixed case that
-dwsep produces for a non-dense input), stride, activation, BN mode, TF32 switch and problem size
-(including tensors of 2^31 elements and more, which select the 64-bit-index kernels). The kernel
-launches are recorded instead of run: an autotuned launch is expanded into every config that
-its own ``prune_configs`` keeps for those arguments, and Triton's JIT binder computes the
-specialization (argument types, constexprs, unit-value and divisibility specializations) exactly
+data), with outputs allocated by dwsep's own fake implementations, for a set of scenarios:
+each dtype, layout (NCHW, channels_last, and a non-dense input, which the launchers make dense
+NCHW while dwsep allocates channels_last outputs), stride, activation, use_z, TF32 switch and
+problem size (including tensors of 2^31 elements and more, which select the 64-bit-index
+kernels, and sizes that prune the autotune configs down to their fallbacks). The launches are
+recorded instead of run: an autotuned launch is expanded into every config that the
+autotuner's own ``prune_configs`` keeps for those arguments, and Triton's JIT binder computes
+the specialization (argument types, constexprs, unit-value and divisibility specializations)
 as on a GPU launch. Each distinct specialization is compiled with ``triton.compile`` for a
 ``GPUTarget`` (sm_90, sm_80): the front end, the MLIR and LLVM pipelines and ptxas, down to a
 cubin. ptxas's ``-v`` report gives the register and spill counts (``CompiledKernel.n_regs`` and
-``n_spills`` need a GPU to load the cubin), the compile metadata the shared memory.
+``n_spills`` are only filled in when a GPU loads the cubin), the compile metadata the shared
+memory.
+
+Failures: a compile error, or a launch none of whose configs fits in the target's shared
+memory (the autotuner skips a config that does not fit, and the launch fails when none does;
+see shared_memory_failures()). Configs over the limit are listed, as are configs that spill.
 
 Selection (``--coverage``): ``full`` compiles every recorded specialization; ``pairwise`` a
 subset, chosen greedily, that still covers for every kernel every (dtype, tile config),
 (layout, tile config) and (dtype, layout) pair, every value of every other constexpr with
 every dtype, every pair of values of two such constexprs, and every argument type signature
-with every dtype; ``smoke`` only every tile config, dtype, layout and constexpr value once per
-kernel.
+with every dtype; ``smoke`` every tile config, dtype, layout and constexpr value once per
+kernel. Both also compile, per dtype, the smallest config (witness()) of every autotuned
+launch, so that the shared-memory check knows a config of each launch; ``smoke`` after a
+previous target only for the kernels that used more than a quarter of this target's shared
+memory there.
 
 Must run with ``TRITON_INTERPRET`` unset or 0: the launchers read it at import and pick their
 interpreter configs otherwise. Compiled kernels go to a temporary Triton cache, removed at the
@@ -141,22 +151,31 @@ def record_launches():
 
 
 # --------------------------------------------------------------------------------------------
-# Scenarios: the launchers called the way dwsep.ops calls them (x, weight and outputs in the
-# input dtype, per-channel vectors and statistics in the accumulation dtype).
+# Scenarios: the launchers called the way the dwsep_triton ops call them, with the outputs
+# allocated by dwsep's own fake implementations (dwsep.ops.FAKES: outputs in the input's dtype
+# and memory format, per-channel vectors in the accumulation dtype) and grad_y made contiguous
+# in y's memory format, as the autograd Functions do.
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _ops():
+    from dwsep import _validation, ops
+
+    return ops, _validation.memory_format
 
 
-def _t(shape, dtype, channels_last: bool = False) -> torch.Tensor:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def _x(shape, dtype, layout: str) -> torch.Tensor:
+    """The input in a layout: "nchw", "nhwc" (channels_last), or "mixed": a non-dense input
+    with channels innermost, which the launchers make dense (NCHW) while dwsep allocates the
+    outputs channels_last."""
+    if layout == "mixed":
+        n, c, h, w = shape
+        big = torch.empty((n, c, h, w + 1), dtype=dtype, device="meta")
+        return big.to(memory_format=torch.channels_last)[..., :w]
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
 
 
-# layout -> (input in channels_last, outputs in channels_last). "mixed": a non-dense input that
-# dwsep makes dense (NCHW) while its outputs follow the input's channels-innermost strides.
-LAYOUTS = {"nchw": (False, False), "nhwc": (True, True), "mixed": (False, True)}
+LAYOUTS = ("nchw", "nhwc", "mixed")
 
 # (N, C, H, W) of the depthwise input; "i64" has 2^31+ elements (64-bit index kernels), "c1"
 # one channel (C specialized to 1), "small" fewer channels than the narrowest wide tile.
@@ -189,52 +208,55 @@ def _tf32(enabled: bool):
 
 
 def _dw_case(op, dtype, layout, size, stride, act, use_z):
+    ops, memory_format = _ops()
+    fake = ops.FAKES
     n, c, h, w = DW_SIZES[size]
-    ho, wo = depthwise_fwd._out_hw(h, w, stride)
-    x_cl, o_cl = LAYOUTS[layout]
-    acc = _acc(dtype)
-    x = _t((n, c, h, w), dtype, x_cl)
-    wt = _t((c, 1, 3, 3), dtype)
-    vec = [_t((c,), acc) for _ in range(4)]
-    y = _t((n, c, ho, wo), dtype, o_cl)
+    x = _x((n, c, h, w), dtype, layout)
+    wt = torch.empty((c, 1, 3, 3), dtype=dtype, device="meta")
+    mean, var = fake["dw_stats"](x, wt, stride)  # (C,) in the accumulation dtype
+    if op == "dw_stats":
+        depthwise_fwd.dw_stats(x, wt, stride, mean, var)
+        return
+    y = fake["dw_fwd"](x, wt, mean, var, stride, act)
     if op == "dw_fwd":
-        depthwise_fwd.dw_fwd(x, wt, vec[0], vec[1], stride, act, y)
-    elif op == "dw_stats":
-        depthwise_fwd.dw_stats(x, wt, stride, vec[0], vec[1])
-    elif op == "dw_bwd_reduce":
-        gy = _t(y.shape, dtype, o_cl)
-        depthwise_bwd.dw_bwd_reduce(gy, y, x, wt, vec[0], vec[1], stride, act, vec[2], vec[3])
+        depthwise_fwd.dw_fwd(x, wt, mean, var, stride, act, y)
+        return
+    gy = torch.empty_like(y).contiguous(memory_format=memory_format(y))
+    if op == "dw_bwd_reduce":
+        s_gz, s_gzx = fake[op](gy, y, x, wt, mean, var, stride, act)
+        depthwise_bwd.dw_bwd_reduce(gy, y, x, wt, mean, var, stride, act, s_gz, s_gzx)
     elif op == "dw_bwd":
-        gy = _t(y.shape, dtype, o_cl)
-        gx = _t(x.shape, dtype, o_cl)
-        gw = _t(wt.shape, dtype)
-        depthwise_bwd.dw_bwd(gy, y, x, wt, vec[0], vec[1], vec[2], stride, act, use_z, gx, gw)
+        k, b, cc = mean, var, torch.empty_like(mean)
+        gx, gw = fake[op](gy, y, x, wt, k, b, cc, stride, act, use_z)
+        depthwise_bwd.dw_bwd(gy, y, x, wt, k, b, cc, stride, act, use_z, gx, gw)
     else:
         raise ValueError(op)
 
 
 def _pw_case(op, dtype, layout, size, act):
+    ops, memory_format = _ops()
+    fake = ops.FAKES
     n, cin, h, w, cout = PW_SIZES[size]
-    x_cl, o_cl = LAYOUTS[layout]
-    acc = _acc(dtype)
-    x = _t((n, cin, h, w), dtype, x_cl)
-    wt = _t((cout, cin), dtype)
-    vec = [_t((cout,), acc) for _ in range(7)]
-    y = _t((n, cout, h, w), dtype, o_cl)
+    x = _x((n, cin, h, w), dtype, layout)
+    wt = torch.empty((cout, cin), dtype=dtype, device="meta")
+    z, mean, var = fake["pw_fwd_stats"](x, wt)
+    if op == "pw_fwd_stats":
+        pointwise_fwd.pw_fwd_stats(x, wt, z, mean, var)
+        return
     if op == "pw_fwd":
-        pointwise_fwd.pw_fwd(x, wt, vec[0], vec[1], act, y)
-    elif op == "pw_fwd_stats":
-        pointwise_fwd.pw_fwd_stats(x, wt, y, vec[0], vec[1])
-    elif op == "bn_act":
-        _bn_act(y, vec[0], vec[1], act, _t(y.shape, dtype, o_cl))
-    elif op == "pw_bwd_reduce":
-        gy = _t(y.shape, dtype, o_cl)
-        pointwise_bwd.pw_bwd_reduce(gy, y, vec[0], vec[1], vec[2], vec[3], act, vec[4], vec[5])
+        pointwise_fwd.pw_fwd(x, wt, mean, var, act, fake[op](x, wt, mean, var, act))
+        return
+    if op == "bn_act":
+        _bn_act(z, mean, var, act, fake[op](z, mean, var, act))
+        return
+    gy = torch.empty_like(z).contiguous(memory_format=memory_format(z))
+    vec = [torch.empty_like(mean) for _ in range(5)]
+    if op == "pw_bwd_reduce":
+        s_gz, s_gzx = fake[op](gy, z, *vec[:4], act)
+        pointwise_bwd.pw_bwd_reduce(gy, z, *vec[:4], act, s_gz, s_gzx)
     elif op == "pw_bwd":
-        gy = _t(y.shape, dtype, o_cl)
-        gx = _t(x.shape, dtype, o_cl)
-        gw = _t(wt.shape, dtype)
-        pointwise_bwd.pw_bwd(gy, y, x, wt, *vec[:5], act, gx, gw)
+        gx, gw = fake[op](gy, z, x, wt, *vec, act)
+        pointwise_bwd.pw_bwd(gy, z, x, wt, *vec, act, gx, gw)
     else:
         raise ValueError(op)
 
@@ -261,7 +283,7 @@ def scenarios() -> list[tuple[dict, Callable[[], None]]]:
         use_zs = (False, True) if op == "dw_bwd" else (True,)
         for size in DW_SIZES:
             edge = size not in ("main", "i64")
-            layouts = ("nchw", "nhwc") if edge else tuple(LAYOUTS)
+            layouts = ("nchw", "nhwc") if edge else LAYOUTS
             for layout, stride, act, use_z in itertools.product(layouts, (1, 2), acts, use_zs):
                 if (edge or layout == "mixed") and (act != 2 or not use_z):
                     continue
@@ -273,7 +295,7 @@ def scenarios() -> list[tuple[dict, Callable[[], None]]]:
         tf32s = (False, True) if dtype == torch.float32 and op in _GEMM else (False,)
         for size in PW_SIZES:
             edge = size not in ("main", "i64")
-            layouts = ("nchw", "nhwc") if edge else tuple(LAYOUTS)
+            layouts = ("nchw", "nhwc") if edge else LAYOUTS
             for layout, act, tf32 in itertools.product(layouts, acts, tf32s):
                 if (edge or layout == "mixed") and act != 2:
                     continue
@@ -387,12 +409,12 @@ def _features(launch: Launch, signature: dict, constexprs: dict, coverage: str) 
 
 def witness(configs) -> Any:
     """The config of an autotuned launch most likely to fit in shared memory: the smallest
-    product of integer tile parameters and stages (the first on a tie). Every selection
-    compiles it, for the shared-memory check of run()."""
+    product of integer tile parameters and stages (then fewest stages, warps, by name). Every
+    selection compiles it, for the shared-memory check of run()."""
 
     def size(cfg):
         ints = [v for v in cfg.kwargs.values() if isinstance(v, int) and not isinstance(v, bool)]
-        return math.prod(ints) * cfg.num_stages
+        return math.prod(ints) * cfg.num_stages, cfg.num_stages, cfg.num_warps, _cfg_name(cfg)
 
     return min(configs, key=size) if configs and configs[0] is not None else None
 
@@ -408,9 +430,12 @@ def _key(signature, constexprs, attrs, options) -> str:
     )
 
 
-def make_jobs(launches: list[Launch], arch: int, coverage: str = "full") -> list[Job]:
-    """Distinct specializations of the launches for sm_<arch>; for coverage other than
-    "full", a greedy subset that covers every feature of every launch."""
+def specializations(
+    launches: list[Launch], arch: int, coverage: str = "full", fit_kernels=None
+) -> list[Job]:
+    """Distinct specializations of the launches for sm_<arch>, each with the coverage features
+    of its launches. The shared-memory witness features are left out for kernels not in
+    fit_kernels (None: all kernels)."""
     jobs: dict[tuple, Job] = {}
     for launch in launches:
         signature, constexprs, attrs, options = specialize(launch, arch)
@@ -427,27 +452,54 @@ def make_jobs(launches: list[Launch], arch: int, coverage: str = "full") -> list
                 _cfg_name(launch.config),
             )
         job.labels.append(launch.labels)
-        job.features |= _features(launch, signature, constexprs, coverage)
-    all_jobs = list(jobs.values())
-    if coverage == "full":
-        return all_jobs
-    return _greedy_cover(all_jobs)
+        feats = _features(launch, signature, constexprs, coverage)
+        if fit_kernels is not None and job.name not in fit_kernels:
+            feats = {f for f in feats if f[1] != "fit"}
+        job.features |= feats
+    return list(jobs.values())
+
+
+def make_jobs(
+    launches: list[Launch], arch: int, coverage: str = "full", fit_kernels=None
+) -> list[Job]:
+    """The specializations to compile for sm_<arch>: all of them for "full" coverage, else a
+    greedy subset that covers every feature of every launch."""
+    jobs = specializations(launches, arch, coverage, fit_kernels)
+    return jobs if coverage == "full" else _greedy_cover(jobs)
 
 
 def _greedy_cover(jobs: list[Job]) -> list[Job]:
-    """Per kernel, repeatedly takes the job that covers the most uncovered features (ties: the
-    first); returns the chosen jobs in their original order."""
-    chosen = set()
+    """A small subset of the jobs that covers every feature, per kernel: features are taken
+    rarest first (fewest jobs have them), each uncovered one by the job that has it and covers
+    the most uncovered features (ties: the first); then chosen jobs whose features the others
+    cover are dropped. Returns the chosen jobs in their original order."""
+    keep = set()
     by_kernel = defaultdict(list)
     for i, job in enumerate(jobs):
         by_kernel[job.name].append(i)
     for idx in by_kernel.values():
-        uncovered = set().union(*(jobs[i].features for i in idx))
-        while uncovered:
-            best = max(idx, key=lambda i: len(jobs[i].features & uncovered))
-            chosen.add(best)
-            uncovered -= jobs[best].features
-    return [job for i, job in enumerate(jobs) if i in chosen]
+        having = defaultdict(list)
+        for i in idx:
+            for f in jobs[i].features:
+                having[f].append(i)
+        uncovered = set(having)
+        picked = []
+        for f in sorted(having, key=lambda f: (len(having[f]), repr(f))):
+            if f in uncovered:
+                best = max(having[f], key=lambda i: len(jobs[i].features & uncovered))
+                picked.append(best)
+                uncovered -= jobs[best].features
+        count = defaultdict(int)
+        for i in picked:
+            for f in jobs[i].features:
+                count[f] += 1
+        for i in reversed(picked[:]):
+            if all(count[f] > 1 for f in jobs[i].features):
+                picked.remove(i)
+                for f in jobs[i].features:
+                    count[f] -= 1
+        keep.update(picked)
+    return [job for i, job in enumerate(jobs) if i in keep]
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,6 +548,8 @@ def compile_job(index: int) -> Result:
             cpu_seconds=_cpu_time() - c0,
         )
     text = log.getvalue()
+    entry = text.find(f"Compiling entry function '{compiled.metadata.name}'")
+    text = text[max(entry, 0) :]
     regs = _REGS.search(text)
     spills = _SPILLS.search(text)
     return Result(
@@ -684,18 +738,26 @@ def run(
         if (not kernels or re.search(kernels, launch.kernel.__name__))
         and (not dtypes or launch.labels["dtype"] in dtypes)
     ]
-    jobs = []
+    jobs, results, t_rec, t_comp = [], [], time.perf_counter() - t0, 0.0
     for arch in archs:
-        sel = make_jobs(launches, arch, coverage.get(arch, "full"))
-        full = len(make_jobs(launches, arch, "full")) if coverage.get(arch) != "full" else len(sel)
+        t1 = time.perf_counter()
+        mode = coverage.get(arch, "full")
+        fit = None
+        if mode == "smoke" and results:
+            # Witness configs only for kernels whose shared memory matters on this target.
+            fit = {j.name for j, r in zip(jobs, results) if r.shared > SMEM_LIMIT[arch] // 4}
+        every = specializations(launches, arch, mode, fit)
+        sel = every if mode == "full" else _greedy_cover(every)
         print(
-            f"sm_{arch}: {len(sel)} of {full} distinct specializations "
-            f"({coverage.get(arch, 'full')} coverage) from {len(launches)} launches"
+            f"sm_{arch}: {len(sel)} of {len(every)} distinct specializations ({mode} coverage) "
+            f"from {len(launches)} launches",
+            flush=True,
         )
+        t2 = time.perf_counter()
+        results += compile_all(sel, workers, progress)
         jobs += sel
-    t1 = time.perf_counter()
-    results = compile_all(jobs, workers, progress)
-    t2 = time.perf_counter()
+        t_rec += t2 - t1
+        t_comp += time.perf_counter() - t2
     failures = [
         f"COMPILE ERROR {_describe(job)}:\n    {res.error}"
         for job, res in zip(jobs, results)
@@ -729,8 +791,8 @@ def run(
         print(f"  SPILLS {res.spill_stores}/{res.spill_loads} B, {res.regs} regs: {_describe(job)}")
     cpu = sum(r.cpu_seconds for r in results)
     print(
-        f"\n{len(jobs)} compiled in {t2 - t1:.0f} s wall, {cpu:.0f} s CPU ({workers} workers; "
-        f"recording and selection {t1 - t0:.1f} s); {len(failures)} failures"
+        f"\n{len(jobs)} compiled in {t_comp:.0f} s wall, {cpu:.0f} s CPU ({workers} workers; "
+        f"recording and selection {t_rec:.1f} s); {len(failures)} failures"
     )
     for line in failures:
         print(line)

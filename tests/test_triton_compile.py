@@ -3,25 +3,27 @@
 ``python -m kernels_triton.aot_check`` runs in a subprocess with ``TRITON_INTERPRET`` unset (this
 test session sets it to 1 when there is no GPU, and the launchers read it at import): it runs
 every launcher on meta tensors for every dtype (float16, bfloat16, float32, float64), layout
-(NCHW, channels_last, mixed), stride, activation, use_z, TF32 setting and problem size
-(including 2^31-element tensors, which select the 64-bit-index kernels), records the launches,
-expands each autotuned launch into the configs that its pruning keeps, and compiles the
-specializations with ``triton.compile`` through ptxas to cubin.
+(NCHW, channels_last, non-dense input), stride, activation, use_z, TF32 setting and problem
+size (including 2^31-element tensors, which select the 64-bit-index kernels), records the
+launches, expands each autotuned launch into the configs that its pruning keeps, and compiles
+the specializations with ``triton.compile`` through ptxas to cubin.
 
 Coverage, to keep the run within a few minutes on two cores (the full cross product is about
-4,500 specializations per target, an hour of compiling on two cores, see the ``slow`` test):
+4,500 specializations per target, over an hour of compiling on two cores: the ``slow`` test):
 
-- sm_90, "pairwise": every kernel with every (dtype, tile config), (layout, tile config) and
-  (dtype, layout) pair, every value of every other constexpr (activation, stride, use_z, 64-bit
-  index, TF32, FINAL, the statistics tile, unit strides and other unit-valued arguments) with
-  every dtype, every pair of such values, and every argument type signature with every dtype.
-- sm_80, "smoke", a representative subset: every kernel with every tile config, dtype, layout
-  and constexpr value at least once.
+- sm_90, "pairwise" (about 440 compiles): every kernel with every (dtype, tile config),
+  (layout, tile config) and (dtype, layout) pair, every value of every other constexpr
+  (activation, stride, use_z, 64-bit index, TF32, FINAL, the statistics tile, unit strides and
+  other unit-valued arguments) with every dtype, every pair of such values, and every argument
+  type signature with every dtype.
+- sm_80, "smoke", a representative subset (about 130 compiles): every kernel with every tile
+  config, dtype, layout and constexpr value at least once, and for the GEMM kernels the
+  smallest config of every launch with every dtype.
 
-Fails on a compile error (front end, MLIR/LLVM lowering or ptxas) or on a kernel that needs
-more shared memory than the target has. The output has a per-kernel table of registers,
-spills and shared memory on each target, and lists every configuration that spills (run
-pytest with ``-s`` or ``-rA`` to see it).
+Fails on a compile error (front end, MLIR/LLVM lowering or ptxas) or on a launch none of whose
+configs fits in the target's shared memory. The output has a per-kernel table of registers,
+spills and shared memory on each target, and lists every configuration that spills or does
+not fit (run pytest with ``-s`` or ``-rA`` to see it).
 """
 
 from __future__ import annotations
