@@ -71,14 +71,15 @@ from . import depthwise_bwd, depthwise_fwd, pointwise_bwd, pointwise_fwd
 from .bn_act import bn_act as _bn_act
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-DTYPE_NAMES[torch.float64] = "fp64"
+DTYPE_NAMES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+}
 
 # Largest shared memory a block may use (the opt-in maximum that Triton checks at load time).
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-
-# Constexprs that come from autotune configs (tile shape) rather than from the launcher.
-_LAUNCH_KWARGS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,15 +90,14 @@ _LAUNCH_KWARGS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 class Launch:
     """One kernel launch as a launcher made it (after autotune expansion): the JIT function,
     its positional and keyword arguments, the autotune config (None when not autotuned), the
-    labels of the scenario that produced it, and its group: the launches of one autotuned call
-    (one per config the autotuner would try), or the launch alone."""
+    labels of the scenario that produced it, and the configs the autotuner would try for that
+    call ((None,) when not autotuned)."""
 
     kernel: JITFunction
     args: tuple
     kwargs: dict
     config: Any
     labels: dict
-    group: int
     group_configs: tuple
 
 
@@ -106,9 +106,7 @@ class _Recorder:
         self.launches: list[Launch] = []
         self.labels: dict = {}
         self.config = None
-        self.group = None
         self.group_configs = (None,)
-        self.groups = 0
 
 
 @contextlib.contextmanager
@@ -120,28 +118,25 @@ def record_launches():
     jit_run, tuner_run = JITFunction.run, Autotuner.run
 
     def record_jit(self, *args, grid, warmup, **kwargs):
-        group = rec.group
-        if group is None:
-            group, rec.groups = rec.groups, rec.groups + 1
         labels = dict(rec.labels)
-        cfgs = rec.group_configs
-        rec.launches.append(Launch(self, args, kwargs, rec.config, labels, group, cfgs))
+        rec.launches.append(Launch(self, args, kwargs, rec.config, labels, rec.group_configs))
 
     def record_tuner(self, *args, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
-        meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        try:
-            configs = self.prune_configs(meta)
-        finally:
-            self.nargs = None
-        rec.group, rec.groups = rec.groups, rec.groups + 1
+        configs = self.configs
+        if len(configs) > 1:  # as Autotuner.run: a single config is used without pruning
+            self.nargs = dict(zip(self.arg_names, args))
+            meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+            try:
+                configs = self.prune_configs(meta)
+            finally:
+                self.nargs = None
         rec.group_configs = tuple(configs)
         try:
             for cfg in configs:
                 rec.config = cfg
                 self.fn.run(*args, **kwargs, **cfg.all_kwargs())
         finally:
-            rec.config, rec.group, rec.group_configs = None, None, (None,)
+            rec.config, rec.group_configs = None, (None,)
 
     JITFunction.run, Autotuner.run = record_jit, record_tuner
     try:
