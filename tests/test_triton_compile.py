@@ -50,14 +50,22 @@ def _nvidia_backend() -> bool:
     return "nvidia" in backends
 
 
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 2
+
+
 def _aot_check(*args: str, timeout: float | None) -> str:
     if not _nvidia_backend():
         pytest.skip("triton has no NVIDIA backend")
+    jobs = str(max(2, min(8, _cpus())))
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "kernels_triton.aot_check", *args],
+        [sys.executable, "-m", "kernels_triton.aot_check", "--jobs", jobs, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
