@@ -56,9 +56,28 @@ def _tile_volume(kw: dict) -> int:
     return kw.get("BM", 16) * kw["BN"] * kw["BK"]
 
 
+# Pipeline depth for fp64: its tiles take twice the shared memory of fp32 ones, and with 4-5
+# stages even the smallest tiles of the backward GEMMs (which stream grad_y and z tiles) need
+# more than an A100 has (163 KB), so that small-channel fp64 launches had no config to run.
+FP64_MAX_STAGES = 3
+
+
+def _cap_stages(cfg, stages: int):
+    if cfg.num_stages <= stages:
+        return cfg
+    return triton.Config(
+        dict(cfg.kwargs),
+        num_warps=cfg.num_warps,
+        num_stages=stages,
+        num_ctas=cfg.num_ctas,
+        maxnreg=cfg.maxnreg,
+        pre_hook=cfg.pre_hook,
+    )
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Drops tiles much larger than the problem: BN beyond the output columns, BK beyond the
-    reduction length, BM beyond the rows."""
+    reduction length, BM beyond the rows; caps the stages at FP64_MAX_STAGES for fp64."""
     args = {**named_args, **kwargs}
     n_max = max(16, next_pow2(args["GEMM_N"]))
     k_max = max(16, next_pow2(args["GEMM_K"]))
@@ -72,6 +91,8 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     ]
     if not keep:
         keep = [min(configs, key=lambda cfg: _tile_volume(cfg.kwargs))]
+    if args.get("ACC") == tl.float64:
+        keep = [_cap_stages(cfg, FP64_MAX_STAGES) for cfg in keep]
     return keep
 
 
