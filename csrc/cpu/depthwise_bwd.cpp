@@ -64,21 +64,11 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
               return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
                                : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
             };
-            int64_t wo = wa;
-            for (; wo + 3 < wb; wo += 4) {
-              Vec z[4];
-              cv.z4(wo, c0, w, z);
-              for (int k = 0; k < 4; ++k) {
-                const Vec gz = gz_at(wo + k);
-                a1 = a1 + gz;
-                a2 = at::vec::fmadd(gz, (z[k] - m) * iv, a2);
-              }
-            }
-            for (; wo < wb; ++wo) {
+            cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
               const Vec gz = gz_at(wo);
               a1 = a1 + gz;
-              a2 = at::vec::fmadd(gz, (cv.z(wo, c0, w) - m) * iv, a2);
-            }
+              a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
+            });
             a1.store(k1 + c0);
             a2.store(k2 + c0);
           }
@@ -248,19 +238,10 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
               Vec w[9];
               for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
               const Vec bv = Vec::loadu(bb.data() + c0), cvv = Vec::loadu(cc.data() + c0);
-              int64_t wo = wa;
-              for (; wo + 3 < wb; wo += 4) {
-                Vec z[4];
-                cv.z4(wo, c0, w, z);
-                for (int k = 0; k < 4; ++k)
-                  at::vec::fmadd(kv, gz_at(wo + k), at::vec::fmadd(bv, z[k], cvv))
-                      .store(grow + (wo + k + 1) * P + c0);
-              }
-              for (; wo < wb; ++wo) {
-                const Vec g =
-                    at::vec::fmadd(kv, gz_at(wo), at::vec::fmadd(bv, cv.z(wo, c0, w), cvv));
-                g.store(grow + (wo + 1) * P + c0);
-              }
+              cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
+                at::vec::fmadd(kv, gz_at(wo), at::vec::fmadd(bv, z, cvv))
+                    .store(grow + (wo + 1) * P + c0);
+              });
             } else {
               for (int64_t wo = wa; wo < wb; ++wo) (kv * gz_at(wo)).store(grow + (wo + 1) * P + c0);
             }

@@ -343,6 +343,19 @@ struct NhwcTaps {
     for (int k = 0; k < 4; ++k) out[k] = a[k];
   }
 
+  // f(wo, z(wo)) for wo = begin, begin + 1, ..., end - 1 in order: four outputs at a time
+  // through z4, the remaining (< 4) one at a time.
+  template <class F>
+  inline void sweep(int64_t begin, int64_t end, int64_t c0, const Vec* w, F&& f) const {
+    int64_t wo = begin;
+    for (; wo + 3 < end; wo += 4) {
+      Vec zs[4];
+      z4(wo, c0, w, zs);
+      for (int k = 0; k < 4; ++k) f(wo + k, zs[k]);
+    }
+    for (; wo < end; ++wo) f(wo, z(wo, c0, w));
+  }
+
   // acc[3i+j] += g * row_i[wo*S+j, c0:c0+kV]: the weight-gradient taps of output pixel wo.
   inline void wgrad(int64_t wo, int64_t c0, const Vec& g, Vec* acc) const {
     const int64_t off = wo * S * P + c0;

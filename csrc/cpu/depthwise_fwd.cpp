@@ -46,19 +46,9 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
           for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
           const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
           Acc* tw = tile.data() - wa * P + c0;
-          int64_t wo = wa;
-          for (; wo + 3 < wb; wo += 4) {  // four outputs per step, input vectors shared
-            Vec z[4];
-            cv.z4(wo, c0, w, z);
-            for (int k = 0; k < 4; ++k)
-              act_vec<kAct>(at::vec::fmadd(z[k], a, b)).store(tw + (wo + k) * P);
-          }
-          for (; wo + 1 < wb; wo += 2) {  // two independent chains per step
-            const Vec z0 = cv.z(wo, c0, w), z1 = cv.z(wo + 1, c0, w);
-            act_vec<kAct>(at::vec::fmadd(z0, a, b)).store(tw + wo * P);
-            act_vec<kAct>(at::vec::fmadd(z1, a, b)).store(tw + (wo + 1) * P);
-          }
-          if (wo < wb) act_vec<kAct>(at::vec::fmadd(cv.z(wo, c0, w), a, b)).store(tw + wo * P);
+          cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
+            act_vec<kAct>(at::vec::fmadd(z, a, b)).store(tw + wo * P);
+          });
         }
         if (C == P) {
           convert_from_acc<T>(tile.data(), yr + wa * C, (wb - wa) * C);
@@ -167,21 +157,11 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
             // shifted sums do not cancel): mean = K + s1/n, M2 = s2 - s1^2/n.
             const Vec K = cv.z(wa, c0, w);
             Vec s1(0), s2(0);
-            int64_t wo = wa + 1;
-            for (; wo + 3 < wb; wo += 4) {
-              Vec z[4];
-              cv.z4(wo, c0, w, z);
-              for (int k = 0; k < 4; ++k) {
-                const Vec d = z[k] - K;
-                s1 = s1 + d;
-                s2 = at::vec::fmadd(d, d, s2);
-              }
-            }
-            for (; wo < wb; ++wo) {
-              const Vec d = cv.z(wo, c0, w) - K;
+            cv.sweep(wa + 1, wb, c0, w, [&](int64_t, const Vec& z) {
+              const Vec d = z - K;
               s1 = s1 + d;
               s2 = at::vec::fmadd(d, d, s2);
-            }
+            });
             const Vec inv(static_cast<Acc>(1.0 / nb));
             const Vec mr = at::vec::fmadd(s1, inv, K);
             const Vec m2r = at::vec::maximum(s2 - s1 * s1 * inv, Vec(0));
