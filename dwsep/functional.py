@@ -82,7 +82,7 @@ def depthwise_conv_bn_act(
     count = x.shape[0] * ho * wo
     V.check_batch_count(fn, count, (x.shape[0], C, ho, wo), training)
 
-    backend = backends.resolve(x.device, "depthwise_conv_bn_act")
+    backend = backends.resolve(x.device, "depthwise_conv_bn_act", x.dtype)
     if backend == "torch":
         return reference.depthwise_conv_bn_act(
             x,
@@ -158,7 +158,7 @@ def pointwise_conv_bn_act(
     count = x.shape[0] * x.shape[2] * x.shape[3]
     V.check_batch_count(fn, count, (x.shape[0], cout, x.shape[2], x.shape[3]), training)
 
-    backend = backends.resolve(x.device, "pointwise_conv_bn_act")
+    backend = backends.resolve(x.device, "pointwise_conv_bn_act", x.dtype)
     if backend == "torch":
         return reference.pointwise_conv_bn_act(
             x,

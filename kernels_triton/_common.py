@@ -81,14 +81,22 @@ def needs_i64(*tensors: torch.Tensor) -> bool:
 
 
 def tf32_allowed() -> bool:
-    """PyTorch's switch for TF32 in fp32 matmuls (off by default)."""
-    matmul = torch.backends.cuda.matmul
-    prec = getattr(matmul, "fp32_precision", None)
-    if prec == "tf32":
-        return True
-    if prec == "ieee":
+    """PyTorch's switch for TF32 in fp32 convolutions, the one cuDNN (and so nn.Conv2d, and
+    dwsep's CUDA backend) follows: ``torch.backends.cudnn.conv.fp32_precision`` where set, else
+    ``torch.backends.cudnn.allow_tf32`` (on by default in PyTorch)."""
+    cudnn = torch.backends.cudnn
+    for prec in (
+        getattr(getattr(cudnn, "conv", None), "fp32_precision", None),
+        getattr(cudnn, "fp32_precision", None),
+    ):
+        if prec == "tf32":
+            return True
+        if prec == "ieee":
+            return False
+    try:
+        return bool(cudnn.allow_tf32)
+    except RuntimeError:  # legacy and new TF32 flags mixed: PyTorch refuses to answer
         return False
-    return bool(matmul.allow_tf32)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -102,6 +110,18 @@ def pick_configs(gpu: list, interpreter: list) -> list:
     """Autotune configs: the full list on a GPU, one pinned small config in the interpreter
     (autotuning there is slow and its timings mean nothing)."""
     return interpreter if INTERPRET else gpu
+
+
+def autotune_enabled() -> bool:
+    """``DWSEP_TRITON_AUTOTUNE=0`` keeps only the first config the pruning leaves for each
+    launch: no benchmarking and one compile per specialization. For test runs on a GPU (the
+    test suite sets it; ``tests/test_triton_configs.py`` runs every config), never for speed."""
+    return os.environ.get("DWSEP_TRITON_AUTOTUNE", "1") not in ("", "0")
+
+
+def finish_prune(keep: list) -> list:
+    """The end of every prune hook: the kept configs, or the first alone when autotuning is off."""
+    return keep if autotune_enabled() else keep[:1]
 
 
 def next_pow2(v: int) -> int:

@@ -18,6 +18,7 @@ from ._common import (
     acc_tl_dtype,
     apply_act,
     dense,
+    finish_prune,
     layout_strides,
     merge_stats,
     needs_i64,
@@ -58,7 +59,7 @@ def prune_tile_configs(configs, named_args, **kwargs):
         if cfg.kwargs["BLOCK_C"] <= cmax
         and ((cfg.kwargs["BLOCK_C"] >= 16) if nhwc else (cfg.kwargs["BLOCK_C"] <= 16))
     ]
-    return keep or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])]
+    return finish_prune(keep or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_C"])])
 
 
 TILE_CONFIGS = _tile_configs()

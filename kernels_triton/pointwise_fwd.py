@@ -19,6 +19,7 @@ from ._common import (
     apply_act,
     dense,
     dot_precision,
+    finish_prune,
     layout_strides,
     merge_stats,
     needs_i64,
@@ -93,7 +94,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
         keep = [min(configs, key=lambda cfg: _tile_volume(cfg.kwargs))]
     if args.get("ACC") == tl.float64:
         keep = [_cap_stages(cfg, FP64_MAX_STAGES) for cfg in keep]
-    return keep
+    return finish_prune(keep)
 
 
 GEMM_CONFIGS = _gemm_configs(True)

@@ -47,6 +47,25 @@ def test_auto_policy_on_cpu():
     assert backends.resolve(torch.device("cpu")) == expected
 
 
+def test_auto_order_on_cuda():
+    """Triton first on CUDA (measured fastest on an H100), the CUDA kernels first for float64;
+    the policy itself, so it is checked without a GPU."""
+    cuda = torch.device("cuda")
+    for dt in (torch.float32, torch.float16, torch.bfloat16, None):
+        assert backends.auto_order(cuda, dt) == ("triton", "cuda", "torch")
+    assert backends.auto_order(cuda, torch.float64) == ("cuda", "triton", "torch")
+    assert backends.auto_order(torch.device("cpu"), torch.float32) == ("cpu", "torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_resolves_on_cuda():
+    avail = dwsep.available_backends("cuda")
+    for dt in (torch.float32, torch.float64):
+        want = next(b for b in backends.auto_order(torch.device("cuda"), dt) if b in avail)
+        assert backends.resolve(torch.device("cuda"), "op", dt) == want
+
+
 def test_unavailable_backend_says_why():
     with dwsep.use_backend("cuda"):
         with pytest.raises(dwsep.BackendUnavailableError, match="backend 'cuda' cannot run"):

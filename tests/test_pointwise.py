@@ -14,16 +14,6 @@ SHAPES = [(2, 3, 7, 7, 8), (1, 13, 5, 3, 40), (2, 8, 1, 1, 1), (2, 1, 2, 7, 13),
 ACTS = ["relu6", "relu", None]
 
 
-@pytest.fixture(autouse=True)
-def exact_fp32():
-    """fp32 is tested exact; TF32 has its own test."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -148,9 +138,12 @@ def test_non_contiguous_inputs(backend, device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "cuda" in p.id])
-def test_tf32_when_allowed(backend, device):
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.matmul.allow_tf32 = True
+@pytest.mark.parametrize("switch", ["conv", "matmul", "none"])
+def test_tf32_follows_the_conv_switch(backend, device, switch):
+    """fp32 uses TF32 exactly when PyTorch allows it for convolutions (cuDNN's switch, on by
+    default, as for nn.Conv2d); the matmul switch alone leaves it exact."""
+    torch.backends.cudnn.allow_tf32 = switch == "conv"
+    torch.backends.cuda.matmul.allow_tf32 = switch == "matmul"
     x = torch.randn(4, 64, 14, 14, device=device).to(memory_format=torch.channels_last)
     w = torch.randn(96, 64, 1, 1, device=device) / 8
     rm, rv = torch.zeros(96, device=device), torch.ones(96, device=device)
@@ -159,7 +152,12 @@ def test_tf32_when_allowed(backend, device):
     ref = dwsep.reference.pointwise_conv_bn_act(
         x.double(), w.double(), rm.double(), rv.double(), activation=None
     )
-    dwsep.testing.assert_close(y, ref, dwsep.testing.TF32_TOLERANCE, "tf32")
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    if switch == "conv":
+        # TF32 keeps 10 mantissa bits: about 1e-4 relative over K = 64, never fp32's 1e-7.
+        assert 1e-5 < err < dwsep.testing.TF32_TOLERANCE, err
+    else:
+        assert err < 1e-5, err
 
 
 def _pw_op_args(device, layout, dtype=torch.float32):

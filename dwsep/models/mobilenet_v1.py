@@ -388,7 +388,7 @@ class MobileNetV1(_MobileNetV1Base):
             or (torch.is_grad_enabled() and x.requires_grad)
         ):
             return F.relu6(bn(x), inplace=True)
-        backend = backends.resolve(x.device, "bn_act")
+        backend = backends.resolve(x.device, "bn_act", x.dtype)
         if backend == "torch":
             return F.relu6(bn(x), inplace=True)
         acc = ops.acc_dtype(x.dtype)
