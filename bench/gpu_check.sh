@@ -10,22 +10,34 @@
 #               CUDA_HOME from nvcc (or /usr/local/cuda), TORCH_CUDA_ARCH_LIST = this GPU's
 #               capability. Skipped when an up-to-date CUDA build is already in the tree
 #               (GPU_CHECK_REBUILD=1 forces it). Falls back to `setup.py build_ext --inplace`.
-#   2. tests    pytest tests/ on CUDA (the suite picks the cuda and triton backends itself),
-#               output saved; pytest-xdist with GPU_CHECK_XDIST workers when installed.
+#   2. tests    pytest -m "gpu and not slow" tests/ (every test that runs a CUDA tensor; CI runs
+#               the CPU ones), Triton autotuning off (tests/conftest.py), pytest-xdist with
+#               GPU_CHECK_XDIST workers and pytest-timeout when installed. Each result is logged as
+#               it lands (DWSEP_TEST_LOG), so a run cut off by its timeout still names its
+#               failures, with their tracebacks, in summary.md.
+#   tests_slow  (not in the default steps) pytest -m "gpu and slow": every Triton autotune config
+#               (tests/test_triton_configs.py), >2^31-element tensors, the model in full.
 #   3. sanitize compute-sanitizer memcheck and racecheck, PYTORCH_NO_CUDA_MEMORY_CACHING=1, over a
 #               focused driver that runs every fused op of the cuda backend (forward, training
 #               forward, backward) on small odd shapes, all dtypes, both layouts, stride 1 and 2.
 #               SANITIZE_TRITON=1 adds a memcheck pass over the triton backend.
-#   4. bench    python -m dwsep bench --out OUTDIR (BENCH_ARGS, default "--quick"), with a time
+#   4. profile  bench/profile_layers.py: per-kernel GPU time of PROFILE_LAYERS (dw2,pw6) in
+#               PROFILE_MODES (fwd_bwd) for eager, cuda and triton -> OUTDIR/profile.md.
+#   5. bench    python -m dwsep bench --out OUTDIR (BENCH_ARGS, default "--quick"), with a time
 #               budget from what is left.
 #
-# OUTDIR gets few files (the device machine returns at most 8): summary.md (steps, test and
-# sanitizer summaries, kernel source hash, nvidia-smi), report.json / report.md / report.png
-# (the benchmark), logs.tar.gz (every full log).
+# OUTDIR gets few files (the device machine returns at most 8): summary.md (steps, test results
+# with every failure's report, sanitizer summaries, kernel source hash, nvidia-smi),
+# report.json / report.md / report.png (the benchmark), profile.md, logs.tar.gz (every full
+# log) and, with GPU_CHECK_EXPORT_SO=1, the built extension split in two (so.part-aa, -ab; each
+# returned file must stay under 16 MiB): `cat so.part-* > dwsep/_C.<tag>.so` here, carry it to the
+# next call and set GPU_CHECK_REUSE_SO=1 there to skip the two-minute build.
 #
-# Knobs: GPU_CHECK_STEPS (default "build,tests,sanitize,bench"), GPU_CHECK_TOTAL_S (570),
-# GPU_CHECK_XDIST (4; 0 = no xdist), PYTEST_ARGS (extra pytest args), BENCH_ARGS ("--quick"),
-# SANITIZE_TRITON (0), PYTHON (python3), CUDA_HOME, TORCH_CUDA_ARCH_LIST, MAX_JOBS.
+# Knobs: GPU_CHECK_STEPS (default "build,tests,sanitize,profile,bench"), GPU_CHECK_TOTAL_S (570),
+# GPU_CHECK_XDIST (8; 0 = no xdist), GPU_CHECK_TEST_MARK ("gpu and not slow"), PYTEST_ARGS
+# (extra pytest args), BENCH_ARGS ("--quick"), PROFILE_LAYERS, PROFILE_MODES, SANITIZE_TRITON
+# (0), GPU_CHECK_EXPORT_SO (0), GPU_CHECK_REUSE_SO (0), PYTHON (python3), CUDA_HOME,
+# TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 set -u
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUTDIR}
@@ -36,7 +48,7 @@ cd "$REPO" || exit 2
 
 START=$(date +%s)
 TOTAL=${GPU_CHECK_TOTAL_S:-570}
-STEPS=${GPU_CHECK_STEPS:-build,tests,sanitize,bench}
+STEPS=${GPU_CHECK_STEPS:-build,tests,sanitize,profile,bench}
 PY=${PYTHON:-python3}
 LOGS=$(mktemp -d)/logs
 mkdir -p "$LOGS"
@@ -132,6 +144,7 @@ if want build; then
     so=$(ls dwsep/_C*.so 2>/dev/null | head -n1)
     newer=""
     [[ -n "$so" ]] && newer=$(find csrc setup.py -newer "$so" -type f 2>/dev/null | head -n1)
+    [[ "${GPU_CHECK_REUSE_SO:-0}" == 1 ]] && newer=""
     if [[ -n "$so" && -z "$newer" && "${GPU_CHECK_REBUILD:-0}" != 1 ]] && cuda_build_ok; then
         STEP_ROWS+="| build | ok (reused $so, newer than csrc/) | 0 | build_info.json |"$'\n'
         echo "== build: reusing $so"
@@ -144,21 +157,37 @@ if want build; then
         fi
         cuda_build_ok || echo "build check: the CUDA extension does not load (see build_info.json)"
     fi
+    so=$(ls dwsep/_C*.so 2>/dev/null | head -n1)
+    if [[ "${GPU_CHECK_EXPORT_SO:-0}" == 1 && -n "$so" ]]; then
+        cp "$so" "$LOGS/so.tmp" && strip -g "$LOGS/so.tmp" 2>/dev/null
+        split -b 15M "$LOGS/so.tmp" "$OUT/so.part-" && rm -f "$LOGS/so.tmp"
+        echo "$(basename "$so")" >"$LOGS/so_name.txt"
+    fi
 fi
 
 # ------------------------------------------------------------------ 2. tests
 TEST_LINE="not run"
-if want tests; then
-    xd=()
-    if [[ "${GPU_CHECK_XDIST:-4}" != 0 ]] && $PY -c "import xdist" 2>/dev/null; then
-        xd=(-n "${GPU_CHECK_XDIST:-4}" --dist loadfile)
+export DWSEP_TEST_LOG="$LOGS/test_events.log"
+run_tests() { # NAME MARK WANT_S RESERVE_S
+    local name=$1 mark=$2 w=$3 r=$4 xd=() to=()
+    if [[ "${GPU_CHECK_XDIST:-8}" != 0 ]] && $PY -c "import xdist" 2>/dev/null; then
+        xd=(-n "${GPU_CHECK_XDIST:-8}" --dist load)
     fi
+    $PY -c "import pytest_timeout" 2>/dev/null && to=(--timeout 150)
+    echo "== $name: pytest -m \"$mark\"" >>"$DWSEP_TEST_LOG"
     # shellcheck disable=SC2086
-    run_step tests "$(budget 200 200)" tests.log \
-        $PY -m pytest tests/ -q -ra -m "" -p no:cacheprovider --junitxml="$LOGS/junit.xml" \
-        ${xd[@]+"${xd[@]}"} ${PYTEST_ARGS:-}
-    TEST_LINE=$(grep -E "[0-9]+ (passed|failed|error)" "$LOGS/tests.log" | tail -n 1)
+    run_step "$name" "$(budget "$w" "$r")" "$name.log" \
+        $PY -m pytest tests/ -q -ra -m "$mark" -p no:cacheprovider --junitxml="$LOGS/$name.xml" \
+        ${xd[@]+"${xd[@]}"} ${to[@]+"${to[@]}"} ${PYTEST_ARGS:-}
+    TEST_LINE+=$'\n'"$name: $(grep -E "[0-9]+ (passed|failed|error)" "$LOGS/$name.log" | tail -n 1)"
+    TEST_LINE+=" (logged: $(grep -cE '^[0-9:]+ PASSED' "$DWSEP_TEST_LOG") passed, $(grep -cE '^[0-9:]+ FAILED' "$DWSEP_TEST_LOG") failed so far)"
+}
+if want tests || want tests_slow; then
+    TEST_LINE=""
+    : >"$DWSEP_TEST_LOG"
 fi
+want tests && run_tests tests "${GPU_CHECK_TEST_MARK:-gpu and not slow}" 260 170
+want tests_slow && run_tests tests_slow "gpu and slow" 240 120
 
 # ------------------------------------------------------------------ 3. sanitizers
 cat >"$LOGS/sanitize_driver.py" <<'EOF'
@@ -248,7 +277,15 @@ if want sanitize; then
     fi
 fi
 
-# ------------------------------------------------------------------ 4. benchmark report
+# ------------------------------------------------------------------ 4. per-kernel profile
+if want profile; then
+    run_step profile "$(budget 90 60)" profile.log \
+        $PY bench/profile_layers.py --layers "${PROFILE_LAYERS:-dw2,pw6}" \
+        --modes "${PROFILE_MODES:-fwd_bwd}" --impls eager,cuda,triton
+    cp "$LOGS/profile.log" "$OUT/profile.md"
+fi
+
+# ------------------------------------------------------------------ 5. benchmark report
 if want bench; then
     bt=$(budget 400 15)
     # shellcheck disable=SC2086
@@ -275,14 +312,29 @@ REV=$($PY -c "import json; from dwsep.report import source_revision; print(json.
     echo
     echo "## Tests"
     echo
-    echo "pytest: ${TEST_LINE:-no summary line}"
-    if [[ -f "$LOGS/tests.log" ]]; then
+    echo "pytest:${TEST_LINE:- no summary line}"
+    if [[ -s "$DWSEP_TEST_LOG" ]]; then
+        echo
+        echo "Slowest tests (seconds, from the per-test log):"
         echo
         echo '```'
-        grep -E "^(FAILED|ERROR) " "$LOGS/tests.log" | head -n 60
-        grep -E "^SKIPPED " "$LOGS/tests.log" | head -n 30
+        grep -E "^[0-9:]+ (PASSED|FAILED|SKIPPED)" "$DWSEP_TEST_LOG" | sort -k3 -n -r | head -n 12
+        echo '```'
+        echo
+        echo "Failures, as they landed (reports cut to 6000 characters; full log in logs.tar.gz):"
+        echo
+        echo '```'
+        awk '/^[0-9:]+ FAILED/{p=1} /^[0-9:]+ (PASSED|SKIPPED)/{p=0} p' "$DWSEP_TEST_LOG" | head -c 60000
         echo '```'
     fi
+    for t in tests tests_slow; do
+        [[ -f "$LOGS/$t.log" ]] || continue
+        echo
+        echo "\`$t\` skips:"
+        echo '```'
+        grep -E "^SKIPPED " "$LOGS/$t.log" | head -n 20
+        echo '```'
+    done
     echo
     echo "## Sanitizers"
     echo
