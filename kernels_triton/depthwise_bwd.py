@@ -24,6 +24,7 @@ from ._common import (
     dense,
     layout_strides,
     needs_i64,
+    pick_configs,
     pixel_chunk,
     sum_partials,
 )
@@ -127,8 +128,111 @@ def _dw_bwd_reduce_kernel(
     tl.store(ws_gzx + q * C + c, tl.sum(acc_gzx, axis=0), mask=cmask)
 
 
+def _gconv_configs() -> list:
+    """The shared tile configs with the per-tile reduction, plus tiles of at most 8 elements
+    per thread with per-tap accumulators (nine accumulators of 16 per thread spill on sm_90);
+    the autotuner picks between them per shape."""
+    small = [
+        (16, 64, 4),
+        (32, 32, 4),
+        (8, 128, 4),
+        (32, 64, 8),
+        (64, 32, 8),
+        (64, 16, 4),
+        (128, 8, 4),
+        (256, 4, 4),
+        (256, 8, 8),
+    ]
+    gpu = [
+        triton.Config({**cfg.kwargs, "TAP_ACC": False}, num_warps=cfg.num_warps)
+        for cfg in TILE_CONFIGS
+    ]
+    gpu += [
+        triton.Config({"BLOCK_P": bp, "BLOCK_C": bc, "TAP_ACC": True}, num_warps=nw)
+        for bp, bc, nw in small
+    ]
+    interp = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "TAP_ACC": True}, num_warps=4)]
+    return pick_configs(gpu, interp)
+
+
+GCONV_CONFIGS = _gconv_configs()
+
+
+@triton.jit
+def _x_tap(
+    x_img,
+    ho,
+    wo,
+    pmask,
+    c_off,
+    cmask,
+    H,
+    W,
+    x_sp,
+    S: tl.constexpr,
+    I: tl.constexpr,
+    J: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """x[ho*S + I-1, wo*S + J-1, c] on a tile of output pixels, in ACC (0 in the padding)."""
+    hi = ho * S + (I - 1)
+    wi = wo * S + (J - 1)
+    ok = pmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    off = (hi * W + wi) * x_sp
+    xv = tl.load(
+        x_img + off[:, None] + c_off[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
+    )
+    return xv.to(ACC)
+
+
+@triton.jit
+def _gconv_tile(
+    gy_img,
+    y_img,
+    x_img,
+    w_ptr,
+    gc_img,
+    p,
+    ho,
+    wo,
+    pmask,
+    c,
+    cmask,
+    kk,
+    bb,
+    cc,
+    H,
+    W,
+    gy_sc,
+    gy_sp,
+    y_sc,
+    y_sp,
+    x_sc,
+    x_sp,
+    gc_sc,
+    gc_sp,
+    S: tl.constexpr,
+    ACT: tl.constexpr,
+    USE_Z: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """g_conv = k * g_z (+ b * z + c) on a tile of output pixels, stored to the temporary and
+    returned (0 outside the tile's mask)."""
+    m2d = pmask[:, None] & cmask[None, :]
+    g = kk[None, :] * _grad_z(gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT, ACC)
+    if USE_Z:
+        z = conv_tile(
+            x_img, w_ptr, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
+        )
+        g += tl.where(m2d, bb[None, :] * z + cc[None, :], 0.0)
+    tl.store(gc_img + p[:, None] * gc_sp + c[None, :] * gc_sc, g, mask=m2d)
+    return g
+
+
 @triton.autotune(
-    configs=TILE_CONFIGS,
+    configs=GCONV_CONFIGS,
     key=["C", "H", "W", "x_sc", "CHUNK"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
 )
@@ -169,9 +273,11 @@ def _dw_bwd_gconv_kernel(
     I64: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TAP_ACC: tl.constexpr,
 ):
     """Writes g_conv for a chunk of output pixels and the chunk's 9 per-channel weight-gradient
-    partials ws_gw[q, c * 9 + tap]."""
+    partials ws_gw[q, c * 9 + tap]. TAP_ACC (a tuning choice, from the configs) picks how the
+    weight-gradient products are summed over pixels."""
     q = tl.program_id(0).to(tl.int64)
     n = q // n_chunks
     p_begin = (q % n_chunks) * CHUNK
@@ -183,6 +289,8 @@ def _dw_bwd_gconv_kernel(
         c = c.to(tl.int64)
     cmask = c < C
     kk = tl.load(k_ptr + c, mask=cmask, other=0.0).to(ACC)
+    bb = kk
+    cc = kk
     if USE_Z:
         bb = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
         cc = tl.load(c_ptr + c, mask=cmask, other=0.0).to(ACC)
@@ -191,35 +299,58 @@ def _dw_bwd_gconv_kernel(
     x_img = x_ptr + n * x_sn
     gc_img = gc_ptr + n * gc_sn
     taps = tl.arange(0, 16)
-    gw = tl.zeros([16, BLOCK_C], dtype=ACC)
     c_off = c * x_sc
-    for p0 in range(p_begin, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < p_end
-        m2d = pmask[:, None] & cmask[None, :]
-        ho = p // Wo
-        wo = p % Wo
-        g = kk[None, :] * _grad_z(gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT, ACC)
-        if USE_Z:
-            z = conv_tile(
-                x_img, w_ptr, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
-            )
-            g += tl.where(m2d, bb[None, :] * z + cc[None, :], 0.0)
-        tl.store(gc_img + p[:, None] * gc_sp + c[None, :] * gc_sc, g, mask=m2d)
-        for i in tl.static_range(3):
-            hi = ho * S + (i - 1)
-            hok = pmask & (hi >= 0) & (hi < H)
-            for j in tl.static_range(3):
-                wi = wo * S + (j - 1)
-                ok = hok & (wi >= 0) & (wi < W)
-                off = (hi * W + wi) * x_sp
-                xv = tl.load(
-                    x_img + off[:, None] + c_off[None, :],
-                    mask=ok[:, None] & cmask[None, :],
-                    other=0.0,
-                )
-                part = tl.sum(g * xv.to(ACC), axis=0)
-                gw += tl.where(taps[:, None] == (i * 3 + j), part[None, :], 0.0)
+    if TAP_ACC:
+        # One elementwise accumulator per tap, reduced over the pixels once per chunk: no
+        # cross-warp exchange inside the loop (small tiles: nine accumulators live in registers).
+        a0 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a1 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a3 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a4 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a5 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a6 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a7 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        a8 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < p_end
+            ho = p // Wo
+            wo = p % Wo
+            g = _gconv_tile(gy_img, y_img, x_img, w_ptr, gc_img, p, ho, wo, pmask, c, cmask, kk, bb, cc, H, W, gy_sc, gy_sp, y_sc, y_sp, x_sc, x_sp, gc_sc, gc_sp, S, ACT, USE_Z, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+            a0 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 0, ACC)
+            a1 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 1, ACC)
+            a2 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 2, ACC)
+            a3 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 0, ACC)
+            a4 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 1, ACC)
+            a5 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 2, ACC)
+            a6 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 0, ACC)
+            a7 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 1, ACC)
+            a8 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 2, ACC)
+        t = taps[:, None]
+        gw = tl.where(t == 0, tl.sum(a0, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 1, tl.sum(a1, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 2, tl.sum(a2, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 3, tl.sum(a3, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 4, tl.sum(a4, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 5, tl.sum(a5, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 6, tl.sum(a6, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 7, tl.sum(a7, axis=0)[None, :], 0.0)
+        gw += tl.where(t == 8, tl.sum(a8, axis=0)[None, :], 0.0)
+    else:
+        # Per tile and tap: a reduction over the tile's pixels (large tiles, few registers).
+        gw = tl.zeros([16, BLOCK_C], dtype=ACC)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < p_end
+            ho = p // Wo
+            wo = p % Wo
+            g = _gconv_tile(gy_img, y_img, x_img, w_ptr, gc_img, p, ho, wo, pmask, c, cmask, kk, bb, cc, H, W, gy_sc, gy_sp, y_sc, y_sp, x_sc, x_sp, gc_sc, gc_sp, S, ACT, USE_Z, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+            for i in tl.static_range(3):
+                for j in tl.static_range(3):
+                    xv = _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, i, j, ACC)
+                    part = tl.sum(g * xv, axis=0)
+                    gw += tl.where(taps[:, None] == (i * 3 + j), part[None, :], 0.0)
     gw_off = q * (C * 9) + c[None, :] * 9 + taps[:, None]
     tl.store(ws_gw + gw_off, gw, mask=(taps[:, None] < 9) & cmask[None, :])
 

@@ -146,3 +146,37 @@ def test_past_2_pow_31_elements(backend, device, layout):
         tail, w.double(), rm.double(), rv.double(), activation=None
     )
     dwsep.testing.assert_close(y[:, :, -4:], ref[:, :, -4:], 2e-3, "tail rows")
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "triton" in p.id])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tap_acc", [True, False], ids=["tap-accumulators", "tile-reductions"])
+def test_triton_weight_grad_variants(backend, device, layout, tap_acc):
+    """Both ways the Triton g_conv kernel sums the weight-gradient products over pixels (the
+    autotuner picks one per shape on a GPU; the interpreter has one config) give every gradient,
+    in training and eval, with the z term (eval with grad of the BN affine) and without."""
+    import triton
+
+    from kernels_triton import depthwise_bwd
+
+    kernel = depthwise_bwd._dw_bwd_gconv_kernel
+    saved, cache = kernel.configs, dict(kernel.cache)
+    cfg = {"BLOCK_P": 32, "BLOCK_C": 16, "TAP_ACC": tap_acc}
+    kernel.configs = [triton.Config(cfg, num_warps=4)]
+    kernel.cache.clear()
+    try:
+        for training, stride, shape in [(True, 1, (2, 40, 13, 11)), (False, 2, (1, 24, 9, 14))]:
+            run_and_compare(
+                "depthwise",
+                backend,
+                device,
+                torch.float32,
+                shape,
+                stride=stride,
+                layout=layout,
+                training=training,
+            )
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+        kernel.cache.update(cache)
