@@ -188,8 +188,24 @@ def _dw_fwd_kernel(
     )
 
 
+def _stats_configs() -> list:
+    """Every tile twice: LANE_STATS False merges each tile's statistics into the chunk's (two
+    cross-warp reductions per tile), True keeps a running mean and M2 per element lane and merges
+    the lanes once per chunk; the autotuner picks per shape."""
+    gpu = [
+        triton.Config({**cfg.kwargs, "LANE_STATS": lanes}, num_warps=cfg.num_warps)
+        for lanes in (False, True)
+        for cfg in TILE_CONFIGS
+    ]
+    interp = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "LANE_STATS": True}, num_warps=4)]
+    return pick_configs(gpu, interp)
+
+
+STATS_CONFIGS = _stats_configs()
+
+
 @triton.autotune(
-    configs=TILE_CONFIGS,
+    configs=STATS_CONFIGS,
     key=["C", "H", "W", "x_sc", "CHUNK"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
 )
@@ -216,10 +232,12 @@ def _dw_stats_kernel(
     I64: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    LANE_STATS: tl.constexpr,
 ):
     """Partial q = (image, chunk of CHUNK output pixels): per channel the count, a pivot (z at
-    the chunk's first pixel), the mean of z - pivot and M2, merged tile by tile with Chan's
-    formula."""
+    the chunk's first pixel), the mean of z - pivot and M2. LANE_STATS False: merged tile by
+    tile with Chan's formula; True: Welford per element lane (pixel row of the tile, channel),
+    the lanes merged with Chan's formula once at the end."""
     q = tl.program_id(0).to(tl.int64)
     n = q // n_chunks
     p_begin = (q % n_chunks) * CHUNK
@@ -234,38 +252,41 @@ def _dw_stats_kernel(
     piv = conv_pixel(
         x_img, w_ptr, p_begin // Wo, p_begin % Wo, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_C
     )
-    mean = tl.zeros([BLOCK_C], dtype=ACC)
-    m2 = tl.zeros([BLOCK_C], dtype=ACC)
-    for p0 in range(p_begin, p_end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < p_end
-        z = conv_tile(
-            x_img,
-            w_ptr,
-            p // Wo,
-            p % Wo,
-            pmask,
-            c,
-            cmask,
-            H,
-            W,
-            x_sc,
-            x_sp,
-            S,
-            ACC,
-            BLOCK_P,
-            BLOCK_C,
-        )
-        z = z - piv[None, :]
-        nb = tl.minimum(p_end - p0, BLOCK_P).to(ACC)
-        cnt = (p0 - p_begin).to(ACC)
-        mb = tl.sum(tl.where(pmask[:, None], z, 0.0), axis=0) / nb
-        d = tl.where(pmask[:, None], z - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, axis=0)
-        tot = cnt + nb
-        delta = mb - mean
-        mean = mean + delta * (nb / tot)
-        m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
+    if LANE_STATS:
+        lm = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        lm2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        lc = tl.zeros([BLOCK_P], dtype=ACC)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < p_end
+            z = conv_tile(x_img, w_ptr, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+            z = z - piv[None, :]
+            lc = lc + pmask.to(ACC)
+            inv = tl.where(pmask, 1.0 / tl.maximum(lc, 1.0), 0.0)
+            d = z - lm
+            lm = lm + d * inv[:, None]
+            lm2 = lm2 + tl.where(pmask[:, None], d * (z - lm), 0.0)
+        total = tl.maximum(tl.sum(lc, axis=0), 1.0)
+        mean = tl.sum(lc[:, None] * lm, axis=0) / total
+        dm = lm - mean[None, :]
+        m2 = tl.sum(lm2, axis=0) + tl.sum(lc[:, None] * dm * dm, axis=0)
+    else:
+        mean = tl.zeros([BLOCK_C], dtype=ACC)
+        m2 = tl.zeros([BLOCK_C], dtype=ACC)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < p_end
+            z = conv_tile(x_img, w_ptr, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+            z = z - piv[None, :]
+            nb = tl.minimum(p_end - p0, BLOCK_P).to(ACC)
+            cnt = (p0 - p_begin).to(ACC)
+            mb = tl.sum(tl.where(pmask[:, None], z, 0.0), axis=0) / nb
+            d = tl.where(pmask[:, None], z - mb[None, :], 0.0)
+            m2b = tl.sum(d * d, axis=0)
+            tot = cnt + nb
+            delta = mb - mean
+            mean = mean + delta * (nb / tot)
+            m2 = m2 + m2b + delta * delta * (cnt * nb / tot)
     tl.store(piv_ws + q * C + c, piv, mask=cmask)
     tl.store(mean_ws + q * C + c, mean, mask=cmask)
     tl.store(m2_ws + q * C + c, m2, mask=cmask)

@@ -180,3 +180,39 @@ def test_triton_weight_grad_variants(backend, device, layout, tap_acc):
         kernel.configs = saved
         kernel.cache.clear()
         kernel.cache.update(cache)
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "triton" in p.id])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("lanes", [True, False], ids=["lane-welford", "tile-chan"])
+def test_triton_batch_statistics_variants(backend, device, layout, lanes):
+    """Both ways the Triton statistics kernel merges a chunk's pixels (the autotuner picks one
+    per shape on a GPU; the interpreter has one config) give the batch statistics, the running
+    statistics and every gradient, also for inputs whose mean (300) dwarfs their spread (1),
+    where a plain sum of squares in fp32 would lose the variance."""
+    import triton
+
+    from kernels_triton import depthwise_fwd
+
+    kernel = depthwise_fwd._dw_stats_kernel
+    saved, cache = kernel.configs, dict(kernel.cache)
+    cfg = {"BLOCK_P": 32, "BLOCK_C": 16, "LANE_STATS": lanes}
+    kernel.configs = [triton.Config(cfg, num_warps=4)]
+    kernel.cache.clear()
+    try:
+        for stride, shape, shift in [(1, (2, 40, 13, 11), 0.0), (2, (1, 24, 17, 14), 300.0)]:
+            run_and_compare(
+                "depthwise",
+                backend,
+                device,
+                torch.float32,
+                shape,
+                stride=stride,
+                layout=layout,
+                training=True,
+                x_transform=(lambda t, s=shift: (t + s).detach().requires_grad_()),
+            )
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+        kernel.cache.update(cache)
