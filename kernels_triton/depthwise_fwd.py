@@ -188,6 +188,33 @@ def _dw_fwd_kernel(
     )
 
 
+@triton.jit
+def _centered_tile(
+    x_img,
+    w_ptr,
+    piv,
+    p0,
+    pmask,
+    c,
+    cmask,
+    H,
+    W,
+    Wo,
+    x_sc,
+    x_sp,
+    S: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """z - pivot on the tile of output pixels p0 .. p0 + BLOCK_P of one image."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    z = conv_tile(
+        x_img, w_ptr, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
+    )
+    return z - piv[None, :]
+
+
 def _stats_configs() -> list:
     """Every tile twice: LANE_STATS False merges each tile's statistics into the chunk's (two
     cross-warp reductions per tile), True keeps a running mean and M2 per element lane and merges
@@ -257,10 +284,8 @@ def _dw_stats_kernel(
         lm2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
         lc = tl.zeros([BLOCK_P], dtype=ACC)
         for p0 in range(p_begin, p_end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            pmask = p < p_end
-            z = conv_tile(x_img, w_ptr, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
-            z = z - piv[None, :]
+            pmask = (p0 + tl.arange(0, BLOCK_P)) < p_end
+            z = _centered_tile(x_img, w_ptr, piv, p0, pmask, c, cmask, H, W, Wo, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
             lc = lc + pmask.to(ACC)
             inv = tl.where(pmask, 1.0 / tl.maximum(lc, 1.0), 0.0)
             d = z - lm
@@ -274,10 +299,8 @@ def _dw_stats_kernel(
         mean = tl.zeros([BLOCK_C], dtype=ACC)
         m2 = tl.zeros([BLOCK_C], dtype=ACC)
         for p0 in range(p_begin, p_end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            pmask = p < p_end
-            z = conv_tile(x_img, w_ptr, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
-            z = z - piv[None, :]
+            pmask = (p0 + tl.arange(0, BLOCK_P)) < p_end
+            z = _centered_tile(x_img, w_ptr, piv, p0, pmask, c, cmask, H, W, Wo, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
             nb = tl.minimum(p_end - p0, BLOCK_P).to(ACC)
             cnt = (p0 - p_begin).to(ACC)
             mb = tl.sum(tl.where(pmask[:, None], z, 0.0), axis=0) / nb

@@ -3,6 +3,7 @@ output, running statistics and every gradient with the float64 reference."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -199,3 +200,20 @@ def _grad_scales(op, x64, w64, gy, bn64, training, stride) -> tuple[float, float
         if op == "depthwise":
             return k * ngy * nw / c**0.5, 3.0 * k * ngy * nx / (c * m) ** 0.5
         return k * ngy * nw / c**0.5, k * ngy * nx / m**0.5
+
+
+@contextlib.contextmanager
+def pinned_triton_configs(pins: dict):
+    """Inside the block each Triton autotuner in ``pins`` ({autotuner: triton.Config}) runs only
+    its pinned config; configs and tuning caches are restored afterwards."""
+    saved = [(t, t.configs, dict(t.cache)) for t in pins]
+    try:
+        for t, cfg in pins.items():
+            t.configs = [cfg]
+            t.cache.clear()
+        yield
+    finally:
+        for t, configs, cache in saved:
+            t.configs = configs
+            t.cache.clear()
+            t.cache.update(cache)

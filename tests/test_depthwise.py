@@ -11,6 +11,7 @@ from op_harness import (
     backend_dtype_params,
     backend_params,
     make_inputs,
+    pinned_triton_configs,
     run_and_compare,
     to_layout,
 )
@@ -159,12 +160,8 @@ def test_triton_weight_grad_variants(backend, device, layout, tap_acc):
 
     from kernels_triton import depthwise_bwd
 
-    kernel = depthwise_bwd._dw_bwd_gconv_kernel
-    saved, cache = kernel.configs, dict(kernel.cache)
-    cfg = {"BLOCK_P": 32, "BLOCK_C": 16, "TAP_ACC": tap_acc}
-    kernel.configs = [triton.Config(cfg, num_warps=4)]
-    kernel.cache.clear()
-    try:
+    cfg = triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "TAP_ACC": tap_acc}, num_warps=4)
+    with pinned_triton_configs({depthwise_bwd._dw_bwd_gconv_kernel: cfg}):
         for training, stride, shape in [(True, 1, (2, 40, 13, 11)), (False, 2, (1, 24, 9, 14))]:
             run_and_compare(
                 "depthwise",
@@ -176,10 +173,6 @@ def test_triton_weight_grad_variants(backend, device, layout, tap_acc):
                 layout=layout,
                 training=training,
             )
-    finally:
-        kernel.configs = saved
-        kernel.cache.clear()
-        kernel.cache.update(cache)
 
 
 @pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "triton" in p.id])
@@ -194,12 +187,8 @@ def test_triton_batch_statistics_variants(backend, device, layout, lanes):
 
     from kernels_triton import depthwise_fwd
 
-    kernel = depthwise_fwd._dw_stats_kernel
-    saved, cache = kernel.configs, dict(kernel.cache)
-    cfg = {"BLOCK_P": 32, "BLOCK_C": 16, "LANE_STATS": lanes}
-    kernel.configs = [triton.Config(cfg, num_warps=4)]
-    kernel.cache.clear()
-    try:
+    cfg = triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "LANE_STATS": lanes}, num_warps=4)
+    with pinned_triton_configs({depthwise_fwd._dw_stats_kernel: cfg}):
         for stride, shape, shift in [(1, (2, 40, 13, 11), 0.0), (2, (1, 24, 17, 14), 300.0)]:
             run_and_compare(
                 "depthwise",
@@ -212,7 +201,3 @@ def test_triton_batch_statistics_variants(backend, device, layout, lanes):
                 training=True,
                 x_transform=(lambda t, s=shift: (t + s).detach().requires_grad_()),
             )
-    finally:
-        kernel.configs = saved
-        kernel.cache.clear()
-        kernel.cache.update(cache)

@@ -9,11 +9,9 @@ ragged."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
-from op_harness import run_and_compare
+from op_harness import pinned_triton_configs, run_and_compare
 
 import dwsep
 
@@ -49,22 +47,6 @@ def _config_count() -> int:
     return max((len(t.configs) for t in _tuners()), default=1)
 
 
-@contextlib.contextmanager
-def pinned_configs(index: int):
-    """Every autotuner runs only its index-th config (its last where it has fewer)."""
-    saved = [(t, t.configs, dict(t.cache)) for t in _tuners()]
-    try:
-        for t, configs, _ in saved:
-            t.configs = [configs[min(index, len(configs) - 1)]]
-            t.cache.clear()
-        yield
-    finally:
-        for t, configs, cache in saved:
-            t.configs = configs
-            t.cache.clear()
-            t.cache.update(cache)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("index", range(_config_count()))
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -73,7 +55,8 @@ def pinned_configs(index: int):
 def test_every_config(op, shape, cout, stride, layout, dtype, training, index):
     if dwsep.backends.triton_version() is None:
         pytest.skip("triton is not installed")
-    with pinned_configs(index):
+    pins = {t: t.configs[min(index, len(t.configs) - 1)] for t in _tuners()}
+    with pinned_triton_configs(pins):
         run_and_compare(
             op,
             "triton",
