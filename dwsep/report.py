@@ -672,7 +672,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--layers",
         default=None,
-        help="comma list of layers to run: dw0..dw12, pw0..pw12, dw, pw (default: all 26)",
+        help="comma list of layers to run: dw0..dw12, pw0..pw12, dw, pw, or none for the "
+        "model part alone (default: all 26)",
     )
     p.add_argument(
         "--compile",
@@ -769,6 +770,8 @@ def select_layers(cfg: Config) -> list[DepthwiseLayer | PointwiseLayer]:
     dws, pws = mobilenet_v1_layers(cfg.alpha, cfg.resolution, cfg.batch)
     if not cfg.layers:
         return [*dws, *pws]
+    if list(cfg.layers) == ["none"]:  # the model part alone
+        return []
     out = []
     for layer in (*dws, *pws):
         tag = ("dw" if isinstance(layer, DepthwiseLayer) else "pw") + str(layer.index)
