@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,18 @@ def test_bench_quick_smoke(tmp_path):
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "wrote" in proc.stdout
+
+
+def test_select_layers_none_and_names():
+    def cfg(layers):
+        return types.SimpleNamespace(alpha=1.0, resolution=224, batch=2, layers=layers)
+
+    assert len(R.select_layers(cfg(None))) == 26
+    assert R.select_layers(cfg(["none"])) == []  # --layers none: the model part alone
+    names = [x.name for x in R.select_layers(cfg(["dw0", "pw"]))]
+    assert len(names) == 14 and names[0] == "dw00_c32_112x112_s1"
+    with pytest.raises(SystemExit, match="selects no layer"):
+        R.select_layers(cfg(["dw99"]))
 
 
 def test_main_help():
