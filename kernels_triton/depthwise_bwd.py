@@ -4,9 +4,10 @@ dw_bwd_reduce: per-channel sums of g_z and g_z * xhat, with z = conv(x) recomput
 stored), as per-program partials reduced in a fixed order.
 
 dw_bwd, in three launches:
-  1. g_conv = k * g_z (+ b * z + c when use_z) for a chunk of output pixels, stored as an
-     fp32 (fp64) temporary, and the chunk's partial weight gradient: for each of the 9 taps,
-     sum over pixels of g_conv * x[shifted] (per channel).
+  1. g_conv = k * g_z (+ b * z + c when use_z) for a chunk of output pixels, stored as a
+     temporary in the input dtype (eager holds this gradient in it too), and the chunk's
+     partial weight gradient from the unrounded values: for each of the 9 taps, sum over
+     pixels of g_conv * x[shifted] (per channel).
   2. grad_x as the transposed conv of g_conv: every input pixel gathers from the (up to 9,
      for stride 2 up to 4) output pixels whose window covered it.
   3. grad_weight = fixed-order sum of the per-program partials (no float atomics).
@@ -227,7 +228,8 @@ def _gconv_tile(
             x_img, w_ptr, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
         )
         g += tl.where(m2d, bb[None, :] * z + cc[None, :], 0.0)
-    tl.store(gc_img + p[:, None] * gc_sp + c[None, :] * gc_sc, g, mask=m2d)
+    gc_t = gc_img.dtype.element_ty
+    tl.store(gc_img + p[:, None] * gc_sp + c[None, :] * gc_sc, g.to(gc_t), mask=m2d)
     return g
 
 
@@ -526,13 +528,16 @@ def dw_bwd(
     acc_t = k.dtype
     acc = acc_tl_dtype(x.dtype)
     i64 = needs_i64(x, y, grad_y)
-    # g_conv temporary in y's layout, in the accumulation dtype.
+    # g_conv temporary in y's layout and dtype: the gradient at the conv output, which eager
+    # PyTorch also holds in the input dtype. (The weight gradient is taken from the unrounded
+    # value in registers; only grad_x sees the rounding.) Half the bytes of an fp32 temporary
+    # for fp16/bf16.
     if layout_strides(y)[1] == 1 and ch > 1:
         gc = torch.empty(
-            (n, ch, ho, wo), dtype=acc_t, device=x.device, memory_format=torch.channels_last
+            (n, ch, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last
         )
     else:
-        gc = torch.empty((n, ch, ho, wo), dtype=acc_t, device=x.device)
+        gc = torch.empty((n, ch, ho, wo), dtype=x.dtype, device=x.device)
     ws_gw = torch.empty((q, ch * 9), dtype=acc_t, device=x.device)
     gc_s = layout_strides(gc)
 
