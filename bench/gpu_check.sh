@@ -187,7 +187,7 @@ if want tests || want tests_slow; then
     : >"$DWSEP_TEST_LOG"
 fi
 want tests && run_tests tests "${GPU_CHECK_TEST_MARK:-gpu and not slow}" 260 170
-want tests_slow && run_tests tests_slow "gpu and slow" 240 120
+want tests_slow && run_tests tests_slow "gpu and slow" 240 30
 
 # ------------------------------------------------------------------ 3. sanitizers
 cat >"$LOGS/sanitize_driver.py" <<'EOF'
