@@ -556,6 +556,7 @@ class FlatPlane {
     L_ = S == 1 ? W + 2 : Wo_ + 1;
     sub_ = pad_stride<Acc>((Ho_ * S + 3) * L_ + 2 * kV);
     buf_.assign((S == 1 ? 1 : 4) * sub_, Acc(0));
+    if constexpr (S == 2) scratch_.assign(2 * L_ + 2 * kV, Acc(0));
     count_ = (Ho_ - 1) * L_ + Wo_;
     valid_.assign(round_up(count_, kV) + kV, Acc(0));
     for (int64_t q = 0; q < count_; ++q) valid_[q] = (q % L_) < Wo_ ? Acc(1) : Acc(0);
@@ -567,7 +568,12 @@ class FlatPlane {
   // 1 where q is a real output, 0 on junk entries and past count().
   const Acc* valid() const { return valid_.data(); }
 
-  // Copy one input plane in (only interior entries are written; the padding stays 0).
+  // Copy one input plane in (the padding stays 0). Stride 2: each row is converted into a
+  // scratch row that holds the left zero pad, the W inputs and zeros after them, then split by
+  // column parity two vectors at a time. Those full-vector stores may run past a sub-plane row
+  // of L_ entries into the rows after it: they write zeros there (scratch entries past W), and
+  // rows are loaded top to bottom, so a later row overwrites them with its own values and the
+  // bottom padding row only ever receives zeros.
   void load(const T* plane) {
     Acc* b = buf_.data();
     for (int64_t h = 0; h < H_; ++h) {
@@ -578,9 +584,12 @@ class FlatPlane {
       } else {
         Acc* e = b + (p & 1) * 2 * sub_ + (p >> 1) * L_;  // column-even sub-plane row
         Acc* o = e + sub_;                                // column-odd sub-plane row
-        for (int64_t w = 0; w < W_; ++w) {
-          const int64_t q = w + 1;
-          ((q & 1) ? o : e)[q >> 1] = static_cast<Acc>(src[w]);
+        Acc* sc = scratch_.data();
+        convert_to_acc<T>(src, sc + 1, W_);
+        for (int64_t m = 0; m < L_; m += kV) {
+          auto eo = at::vec::deinterleave2(Vec::loadu(sc + 2 * m), Vec::loadu(sc + 2 * m + kV));
+          eo.first.store(e + m);
+          eo.second.store(o + m);
         }
       }
     }
@@ -627,7 +636,7 @@ class FlatPlane {
 
  private:
   int64_t H_, W_, Ho_, Wo_, L_, sub_, count_;
-  std::vector<Acc> buf_, valid_;
+  std::vector<Acc> buf_, valid_, scratch_;
 };
 
 // Planes at most this wide go through FlatPlane (NCHW forward, stats and BN-sum kernels).
