@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import SimpleNamespace
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dwsep import report as R
-from dwsep.shapes import mobilenet_v1_layers
 
 CALLS = 5
 
 
-def _layer(name: str, batch: int):
-    dws, pws = mobilenet_v1_layers(1.0, 224, batch)
-    kind, idx = name[:2], int(name[2:])
-    if kind not in ("dw", "pw") or not 0 <= idx < 13:
-        raise SystemExit(f"--layers: expected names dw0..dw12 or pw0..pw12, got {name!r}")
-    return (dws if kind == "dw" else pws)[idx]
+def _layers(names: str, batch: int) -> list:
+    """The MobileNetV1-1.0-224 layers that ``dwsep bench --layers`` would select."""
+    cfg = SimpleNamespace(alpha=1.0, resolution=224, batch=batch, layers=names.split(","))
+    return R.select_layers(cfg)
 
 
 def _self_us(evt, device: str) -> float:
@@ -72,7 +70,9 @@ def profile_case(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", default="dw2,pw6", help="comma list of dw0..dw12, pw0..pw12")
+    ap.add_argument(
+        "--layers", default="dw2,pw6", help="as dwsep bench --layers (dw0..pw12, dw, pw)"
+    )
     ap.add_argument("--modes", default="fwd_bwd", help="comma list of inference,train_fwd,fwd_bwd")
     ap.add_argument("--impls", default="eager,cuda,triton", help="eager and/or dwsep backends")
     ap.add_argument("--dtype", default="bf16")
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     dev_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
     print(f"# Per-kernel time: {dev_name}, {args.dtype} {layout}, batch {args.batch}\n")
     failed = 0
-    for name in args.layers.split(","):
-        layer = _layer(name.strip(), args.batch)
+    for layer in _layers(args.layers, args.batch):
         for mode in args.modes.split(","):
             for impl in args.impls.split(","):
                 try:
