@@ -194,7 +194,7 @@ def _pw_bwd_dx_kernel(
         wt = tl.load(
             w_ptr + rk[:, None] * Cin + rn[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0
         )
-        acc = tl.dot(g.to(w_ptr.dtype.element_ty), wt, acc, input_precision=PREC)
+        acc = tl.dot(g.to(w_ptr.dtype.element_ty), wt, acc, input_precision=PREC, out_dtype=ACC)
     x_off = b * x_sn + rm[:, None] * x_sp + rn[None, :] * x_sc
     tl.store(gx_ptr + x_off, acc.to(gx_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
@@ -281,7 +281,7 @@ def _pw_bwd_dw_kernel(
             mask=pkmask[:, None] & cimask[None, :],
             other=0.0,
         )
-        acc = tl.dot(g.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PREC)
+        acc = tl.dot(g.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PREC, out_dtype=ACC)
     ws_off = s * Cout * Cin + rco[:, None] * Cin + rci[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=comask[:, None] & cimask[None, :])
 

@@ -175,7 +175,7 @@ def _pw_fwd_kernel(
         wt = tl.load(
             w_ptr + rn[None, :] * Cin + rk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0
         )
-        acc = tl.dot(a, wt, acc, input_precision=PREC)
+        acc = tl.dot(a, wt, acc, input_precision=PREC, out_dtype=ACC)
     y_off = b * y_sn + rm[:, None] * y_sp + rn[None, :] * y_sc
     m2d = mmask[:, None] & nmask[None, :]
     if STATS:

@@ -862,13 +862,22 @@ def test_gpu_bf16_channels_last_and_cuda_graph(backend):
         assert rel_err(static_y, model(new_x)) < 1e-6
         assert rel_err(static_y, ref(new_x.double())) < 5e-3  # TF32 convs allowed
 
-    # Train step in bf16 autocast on the GPU against the fp64 reference.
+    # Train step in bf16 autocast on the GPU against the fp64 reference. Train-mode BN at random
+    # init amplifies rounding ~1.4x per block (eager PyTorch itself lands ~0.1 off float64 on
+    # CPU), so the bound is set by eager's own error under the same autocast, measured here:
+    # dwsep may not be more than 1.5x worse than eager (or than the fixed floor).
     model.train()
     ref.train()
+    eager = copy.deepcopy(ref).float().to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ye = eager(x)
     with dwsep.use_backend(backend), torch.autocast("cuda", dtype=torch.bfloat16):
         y = model(x)
     yr = ref(x.double())
-    assert rel_err(y, yr) < 5e-2
+    assert rel_err(y, yr) < max(5e-2, 1.5 * rel_err(ye, yr))
     y.float().sum().backward()
+    ye.float().sum().backward()
     yr.sum().backward()
-    assert rel_err(model.conv_stem.weight.grad, ref.conv_stem.weight.grad) < 1e-1
+    g_ref = ref.conv_stem.weight.grad
+    g_tol = max(1e-1, 1.5 * rel_err(eager.conv_stem.weight.grad, g_ref))
+    assert rel_err(model.conv_stem.weight.grad, g_ref) < g_tol
