@@ -914,7 +914,14 @@ def _model_impls(cfg: Config, mode: str) -> list[str]:
     return ["eager", *(["compile"] if cm in cfg.compile_modes else []), *cfg.backends]
 
 
-def run_model(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float) -> dict[str, Any]:
+def run_model(
+    cfg: Config,
+    ceil: RL.Ceilings,
+    prog: _Progress,
+    deadline: float,
+    on_case: Optional[Callable[[dict[str, Any]], Any]] = None,
+) -> dict[str, Any]:
+    """The MobileNetV1 throughput part; ``on_case(model_so_far)`` after every case."""
     impls_by_mode = {m: _model_impls(cfg, m) for m in MODEL_MODES}
     total = sum(len(v) for v in impls_by_mode.values())
     out: dict[str, Any] = {"batch": cfg.batch, "alpha": cfg.alpha, "resolution": cfg.resolution}
@@ -984,7 +991,9 @@ def run_model(cfg: Config, ceil: RL.Ceilings, prog: _Progress, deadline: float) 
                     fn = None
             prog.update(1, f"model {mode} {impl}")
             _empty_cache(cfg.device)
-        _add_speedups(sec["results"])
+            _add_speedups(sec["results"])
+            if on_case is not None:
+                on_case(out)
     return out
 
 
@@ -1040,8 +1049,9 @@ def _stamp(report: dict[str, Any], cfg: Config, t_start: float) -> None:
 
 def run(cfg: Config, checkpoint: Optional[Callable[[dict], Any]] = None) -> dict[str, Any]:
     """Run the whole report for ``cfg``; returns the JSON-able dict. ``checkpoint(report)`` is
-    called with the partial report (``"partial": True``) once the per-layer part is done, so a
-    run killed during the model part still leaves its layer results."""
+    called with the partial report (``"partial": True``) once the per-layer part is done and
+    after every model case, so a run killed during the model part still leaves its layer
+    results and the model cases finished so far."""
     t_start = time.monotonic()
     deadline = t_start + cfg.time_budget if cfg.time_budget else math.inf
     if cfg.device.type == "cuda":
@@ -1061,13 +1071,21 @@ def run(cfg: Config, checkpoint: Optional[Callable[[dict], Any]] = None) -> dict
         report["layers"] = run_layers(cfg, ceil, prog, deadline)
         report["summary"] = summarize(report["layers"])
         if cfg.model:
-            if checkpoint is not None:
+
+            def save_partial(model_so_far: Optional[dict[str, Any]] = None) -> None:
+                if checkpoint is None:
+                    return
                 _stamp(report, cfg, t_start)
+                part = {**report, "partial": True}
+                if model_so_far is not None:
+                    part["model"] = model_so_far
                 try:
-                    checkpoint({**report, "partial": True})
+                    checkpoint(part)
                 except Exception as exc:  # a failed checkpoint must not stop the run
                     report["checkpoint_error"] = _short_error(exc)
-            report["model"] = run_model(cfg, ceil, prog, deadline)
+
+            save_partial()
+            report["model"] = run_model(cfg, ceil, prog, deadline, on_case=save_partial)
     finally:
         prog.close()
     _stamp(report, cfg, t_start)
@@ -1285,7 +1303,8 @@ def header_text(report: dict[str, Any]) -> str:
     ]
     if report.get("partial"):
         lines.append(
-            "- **partial report**: written after the per-layer part, before the model part ended"
+            "- **partial report**: written before the model part ended (with the model cases "
+            "finished by then)"
         )
     load, ncpu = env.get("loadavg_1min"), env.get("cpu_count") or 1
     if cfg["device"] == "cpu" and load is not None and load > 0.75 * ncpu:

@@ -251,18 +251,19 @@ def _pw_case(op, dtype, layout, size, act):
     if op == "pw_bwd_reduce":
         s_gz, s_gzx = fake[op](gy, z, *vec[:4], act)
         pointwise_bwd.pw_bwd_reduce(gy, z, *vec[:4], act, s_gz, s_gzx)
-    elif op == "pw_bwd":
-        gx, gw = fake[op](gy, z, x, wt, *vec, act)
-        pointwise_bwd.pw_bwd(gy, z, x, wt, *vec, act, gx, gw)
+    elif op in ("pw_bwd", "pw_bwd_fused"):
+        gx, gw = fake["pw_bwd"](gy, z, x, wt, *vec, act)
+        mode = "fused" if op == "pw_bwd_fused" else "materialize"
+        pointwise_bwd.pw_bwd(gy, z, x, wt, *vec, act, gx, gw, g_mode=mode)
     else:
         raise ValueError(op)
 
 
 DW_OPS = ("dw_fwd", "dw_stats", "dw_bwd_reduce", "dw_bwd")
-PW_OPS = ("pw_fwd", "pw_fwd_stats", "bn_act", "pw_bwd_reduce", "pw_bwd")
+PW_OPS = ("pw_fwd", "pw_fwd_stats", "bn_act", "pw_bwd_reduce", "pw_bwd", "pw_bwd_fused")
 _DW_ACT = {"dw_fwd", "dw_bwd_reduce", "dw_bwd"}
-_PW_ACT = {"pw_fwd", "bn_act", "pw_bwd_reduce", "pw_bwd"}
-_GEMM = {"pw_fwd", "pw_fwd_stats", "pw_bwd"}
+_PW_ACT = {"pw_fwd", "bn_act", "pw_bwd_reduce", "pw_bwd", "pw_bwd_fused"}
+_GEMM = {"pw_fwd", "pw_fwd_stats", "pw_bwd", "pw_bwd_fused"}
 
 
 def scenarios() -> list[tuple[dict, Callable[[], None]]]:

@@ -3,13 +3,21 @@
 pw_bwd_reduce: per-channel sums of g_z and g_z * xhat with g_z = grad_y * act'(z*scale+shift)
 and xhat = (z - mean) * invstd, as per-program partials reduced in a fixed order.
 
-pw_bwd: two GEMMs whose prologue forms g_conv = k*g_z + b*z + c from grad_y and z on the fly:
+pw_bwd: two GEMMs over g_conv = k*g_z + b*z + c:
   grad_x = g_conv · W        ([M, Cout] x [Cout, Cin], per image for NCHW)
   grad_w = g_convᵀ · X       ([Cout, M] x [M, Cin], split over M into SPLIT fp32 partials that
                               are summed in a fixed order: deterministic, no atomics)
+Two ways to feed them (DWSEP_TRITON_PW_BWD, or pw_bwd's g_mode):
+  "materialize" (default): one elementwise pass writes g_conv (input dtype), then both GEMMs
+      load it as a plain operand, so Triton pipelines the loads straight into the tensor cores.
+  "fused": each GEMM rebuilds g_conv from grad_y and z in its K loop (no g_conv tensor, but
+      two loads and the BN/act arithmetic per operand element, in every output tile column).
 """
 
 from __future__ import annotations
+
+import os
+from typing import Optional
 
 import torch
 import triton
@@ -41,6 +49,63 @@ def _g_conv(gy, zv, kk, bb, cc, sc, sh, m2d, ACT: tl.constexpr):
     else:
         gz = gy
     return tl.where(m2d, kk * gz + bb * zv + cc, 0.0)
+
+
+@triton.autotune(
+    configs=TILE_CONFIGS,
+    key=["C", "P", "x_sc", "gy_sc", "g_sc"],
+    prune_configs_by={"early_config_prune": prune_tile_configs},
+)
+@triton.jit
+def _pw_bwd_g_kernel(
+    gy_ptr,
+    z_ptr,
+    scale_ptr,
+    shift_ptr,
+    k_ptr,
+    b_ptr,
+    c_ptr,
+    g_ptr,
+    C,
+    P,
+    gy_sn,
+    gy_sc,
+    gy_sp,
+    x_sn,
+    x_sc,
+    x_sp,
+    g_sn,
+    g_sc,
+    g_sp,
+    ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    I64: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """g_conv for one [BLOCK_P, BLOCK_C] tile of one image, in g's dtype; x_s* are z's strides
+    (named for the shared config pruning). Grid: (images * pixel tiles, channel blocks)."""
+    q = tl.program_id(0).to(tl.int64)
+    p_tiles = tl.cdiv(P, BLOCK_P)
+    n = q // p_tiles
+    p = (q % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if I64:
+        c = c.to(tl.int64)
+    else:
+        p = p.to(tl.int32)
+    cmask = c < C
+    m2d = (p < P)[:, None] & cmask[None, :]
+    gy = tl.load(gy_ptr + n * gy_sn + p[:, None] * gy_sp + c[None, :] * gy_sc, mask=m2d, other=0.0)
+    zv = tl.load(z_ptr + n * x_sn + p[:, None] * x_sp + c[None, :] * x_sc, mask=m2d, other=0.0)
+    kk = tl.load(k_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    bb = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    cc = tl.load(c_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    sc = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    sh = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC)[None, :]
+    g = _g_conv(gy.to(ACC), zv.to(ACC), kk, bb, cc, sc, sh, m2d, ACT)
+    g_off = n * g_sn + p[:, None] * g_sp + c[None, :] * g_sc
+    tl.store(g_ptr + g_off, g.to(g_ptr.dtype.element_ty), mask=m2d)
 
 
 @triton.autotune(
@@ -112,7 +177,9 @@ def _pw_bwd_reduce_kernel(
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS, key=["B", "P", "Cin", "Cout", "x_sc"], prune_configs_by=_PRUNE
+    configs=GEMM_CONFIGS,
+    key=["B", "P", "Cin", "Cout", "x_sc", "G_READY"],
+    prune_configs_by=_PRUNE,
 )
 @triton.jit
 def _pw_bwd_dx_kernel(
@@ -142,6 +209,7 @@ def _pw_bwd_dx_kernel(
     GEMM_N,
     GEMM_K,
     ACT: tl.constexpr,
+    G_READY: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     I64: tl.constexpr,
@@ -149,7 +217,8 @@ def _pw_bwd_dx_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
 ):
-    """grad_x[m, ci] = sum_co g_conv[m, co] W[co, ci]; x_s* are grad_x's strides."""
+    """grad_x[m, ci] = sum_co g_conv[m, co] W[co, ci]; x_s* are grad_x's strides. G_READY:
+    gy_ptr holds g_conv itself (z and the vectors unused)."""
     pid = tl.program_id(0).to(tl.int64)
     n_tiles = tl.cdiv(Cin, BN)
     m_tiles = tl.cdiv(P, BM)
@@ -174,33 +243,38 @@ def _pw_bwd_dx_kernel(
         kmask = rk < Cout
         m2d = mmask[:, None] & kmask[None, :]
         gy = tl.load(gy_img + rm[:, None] * gy_sp + rk[None, :] * gy_sc, mask=m2d, other=0.0)
-        zv = tl.load(z_img + rm[:, None] * z_sp + rk[None, :] * z_sc, mask=m2d, other=0.0)
-        kk = tl.load(k_ptr + rk, mask=kmask, other=0.0).to(ACC)
-        bb = tl.load(b_ptr + rk, mask=kmask, other=0.0).to(ACC)
-        cc = tl.load(c_ptr + rk, mask=kmask, other=0.0).to(ACC)
-        sc = tl.load(scale_ptr + rk, mask=kmask, other=0.0).to(ACC)
-        sh = tl.load(shift_ptr + rk, mask=kmask, other=0.0).to(ACC)
-        g = _g_conv(
-            gy.to(ACC),
-            zv.to(ACC),
-            kk[None, :],
-            bb[None, :],
-            cc[None, :],
-            sc[None, :],
-            sh[None, :],
-            m2d,
-            ACT,
-        )
+        if G_READY:
+            g = gy
+        else:
+            zv = tl.load(z_img + rm[:, None] * z_sp + rk[None, :] * z_sc, mask=m2d, other=0.0)
+            kk = tl.load(k_ptr + rk, mask=kmask, other=0.0).to(ACC)
+            bb = tl.load(b_ptr + rk, mask=kmask, other=0.0).to(ACC)
+            cc = tl.load(c_ptr + rk, mask=kmask, other=0.0).to(ACC)
+            sc = tl.load(scale_ptr + rk, mask=kmask, other=0.0).to(ACC)
+            sh = tl.load(shift_ptr + rk, mask=kmask, other=0.0).to(ACC)
+            g = _g_conv(
+                gy.to(ACC),
+                zv.to(ACC),
+                kk[None, :],
+                bb[None, :],
+                cc[None, :],
+                sc[None, :],
+                sh[None, :],
+                m2d,
+                ACT,
+            ).to(w_ptr.dtype.element_ty)
         wt = tl.load(
             w_ptr + rk[:, None] * Cin + rn[None, :], mask=kmask[:, None] & nmask[None, :], other=0.0
         )
-        acc = tl.dot(g.to(w_ptr.dtype.element_ty), wt, acc, input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(g, wt, acc, input_precision=PREC, out_dtype=ACC)
     x_off = b * x_sn + rm[:, None] * x_sp + rn[None, :] * x_sc
     tl.store(gx_ptr + x_off, acc.to(gx_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS, key=["B", "P", "Cin", "Cout", "x_sc", "SPLIT"], prune_configs_by=_PRUNE
+    configs=GEMM_CONFIGS,
+    key=["B", "P", "Cin", "Cout", "x_sc", "SPLIT", "G_READY"],
+    prune_configs_by=_PRUNE,
 )
 @triton.jit
 def _pw_bwd_dw_kernel(
@@ -231,6 +305,7 @@ def _pw_bwd_dw_kernel(
     GEMM_N,
     GEMM_K,
     ACT: tl.constexpr,
+    G_READY: tl.constexpr,
     ACC: tl.constexpr,
     PREC: tl.constexpr,
     I64: tl.constexpr,
@@ -240,7 +315,7 @@ def _pw_bwd_dw_kernel(
 ):
     """ws[s, co, ci] = sum over the rows m of split s of g_conv[m, co] * x[m, ci]. The rows are
     BK-pixel tiles of the images (t = image * tiles_per_image + tile), split s taking a
-    contiguous run of them."""
+    contiguous run of them. G_READY: gy_ptr holds g_conv itself (z and the vectors unused)."""
     pid = tl.program_id(0)
     s = tl.program_id(1).to(tl.int64)
     n_tiles = tl.cdiv(Cin, BN)
@@ -253,11 +328,12 @@ def _pw_bwd_dw_kernel(
         rci = rci.to(tl.int32)
     comask = rco < Cout
     cimask = rci < Cin
-    kk = tl.load(k_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
-    bb = tl.load(b_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
-    cc = tl.load(c_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
-    sc = tl.load(scale_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
-    sh = tl.load(shift_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
+    if not G_READY:
+        kk = tl.load(k_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
+        bb = tl.load(b_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
+        cc = tl.load(c_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
+        sc = tl.load(scale_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
+        sh = tl.load(shift_ptr + rco, mask=comask, other=0.0).to(ACC)[:, None]
     k_tiles = tl.cdiv(P, BK)
     total = B * k_tiles
     per = tl.cdiv(total, SPLIT)
@@ -273,15 +349,19 @@ def _pw_bwd_dw_kernel(
         m2d = comask[:, None] & pkmask[None, :]
         g_off = rco[:, None] * gy_sc + pk[None, :] * gy_sp
         gy = tl.load(gy_ptr + b * gy_sn + g_off, mask=m2d, other=0.0)
-        z_off = rco[:, None] * z_sc + pk[None, :] * z_sp
-        zv = tl.load(z_ptr + b * z_sn + z_off, mask=m2d, other=0.0)
-        g = _g_conv(gy.to(ACC), zv.to(ACC), kk, bb, cc, sc, sh, m2d, ACT)
+        if G_READY:
+            g = gy
+        else:
+            z_off = rco[:, None] * z_sc + pk[None, :] * z_sp
+            zv = tl.load(z_ptr + b * z_sn + z_off, mask=m2d, other=0.0)
+            g = _g_conv(gy.to(ACC), zv.to(ACC), kk, bb, cc, sc, sh, m2d, ACT)
+            g = g.to(x_ptr.dtype.element_ty)
         xt = tl.load(
             x_ptr + b * x_sn + pk[:, None] * x_sp + rci[None, :] * x_sc,
             mask=pkmask[:, None] & cimask[None, :],
             other=0.0,
         )
-        acc = tl.dot(g.to(x_ptr.dtype.element_ty), xt, acc, input_precision=PREC, out_dtype=ACC)
+        acc = tl.dot(g, xt, acc, input_precision=PREC, out_dtype=ACC)
     ws_off = s * Cout * Cin + rco[:, None] * Cin + rci[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=comask[:, None] & cimask[None, :])
 
@@ -352,6 +432,46 @@ def _split_count(m: int, cout: int, cin: int, device: torch.device) -> int:
     return max(1, split)
 
 
+PW_BWD_MODES = ("materialize", "fused")
+
+
+def pw_bwd_mode(g_mode: Optional[str] = None) -> str:
+    """How pw_bwd feeds its GEMMs: g_mode, else $DWSEP_TRITON_PW_BWD, else "materialize"."""
+    mode = g_mode or os.environ.get("DWSEP_TRITON_PW_BWD") or "materialize"
+    if mode not in PW_BWD_MODES:
+        raise ValueError(
+            f"DWSEP_TRITON_PW_BWD (or g_mode) must be one of {PW_BWD_MODES}, got {mode!r}"
+        )
+    return mode
+
+
+def _materialize_g(grad_y, z, scale, shift, k, b, c, act, g, nb, p, strides, i64) -> None:
+    """g = g_conv(grad_y, z) in one elementwise pass (strides: grad_y's, z's, g's)."""
+    cout = z.shape[1]
+
+    def grid(meta):
+        return (nb * triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(cout, meta["BLOCK_C"]))
+
+    _pw_bwd_g_kernel[grid](
+        grad_y,
+        z,
+        scale,
+        shift,
+        k,
+        b,
+        c,
+        g,
+        cout,
+        p,
+        *strides[0],
+        *strides[1],
+        *strides[2],
+        ACT=int(act),
+        ACC=acc_tl_dtype(z.dtype),
+        I64=i64,
+    )
+
+
 def pw_bwd(
     grad_y: torch.Tensor,
     z: torch.Tensor,
@@ -365,8 +485,11 @@ def pw_bwd(
     act: int,
     grad_x_out: torch.Tensor,
     grad_w_out: torch.Tensor,
+    g_mode: Optional[str] = None,
 ) -> None:
-    """grad_x = g_conv · W and grad_w = g_convᵀ · X for g_conv = k*g_z + b*z + c."""
+    """grad_x = g_conv · W and grad_w = g_convᵀ · X for g_conv = k*g_z + b*z + c; g_mode is
+    "materialize" or "fused" (see the module docstring; default from pw_bwd_mode())."""
+    materialize = pw_bwd_mode(g_mode) == "materialize"
     n, cin, h, w = x.shape
     cout = weight.shape[0]
     if x.numel() == 0:
@@ -376,10 +499,14 @@ def pw_bwd(
     grad_y, z, x = dense(grad_y), dense(z), dense(x)
     scale, shift = scale.contiguous(), shift.contiguous()
     k, b, c = k.contiguous(), b.contiguous(), c.contiguous()
-    nb, p, (gy_s, z_s, x_s, gx_s) = gemm_geometry([grad_y, z, x, grad_x_out])
+    g = torch.empty_like(z) if materialize else z  # z is dense: g gets its layout
+    nb, p, (gy_s, z_s, x_s, gx_s, g_s) = gemm_geometry([grad_y, z, x, grad_x_out, g])
     acc = acc_tl_dtype(x.dtype)
     prec = dot_precision(x.dtype)
     i64 = needs_i64(grad_y, z, x, grad_x_out)
+    if materialize:
+        _materialize_g(grad_y, z, scale, shift, k, b, c, act, g, nb, p, (gy_s, z_s, g_s), i64)
+        grad_y, gy_s = g, g_s
 
     def grid_dx(meta):
         return (triton.cdiv(cin, meta["BN"]) * nb * triton.cdiv(p, meta["BM"]),)
@@ -405,6 +532,7 @@ def pw_bwd(
         cin,
         cout,
         ACT=int(act),
+        G_READY=materialize,
         ACC=acc,
         PREC=prec,
         I64=i64,
@@ -437,6 +565,7 @@ def pw_bwd(
         cin,
         nb * p,
         ACT=int(act),
+        G_READY=materialize,
         ACC=acc,
         PREC=prec,
         I64=i64,

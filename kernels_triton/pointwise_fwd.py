@@ -40,6 +40,10 @@ def _gemm_configs(with_bm: bool = True) -> list:
         (64, 32, 32, 2, 5),
         (32, 64, 32, 2, 5),
         (256, 64, 32, 8, 3),
+        # Hopper-sized tiles (cuBLAS picks 256x128, BK 64 for MobileNet's 512/1024-channel
+        # layers on an H100); over an A100's shared memory in fp32, where the autotuner skips them
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
     ]
     gpu, seen = [], set()
     for bm, bn, bk, nw, ns in shapes:

@@ -112,6 +112,43 @@ def test_larger_than_one_tile(backend, device):
         )
 
 
+@pytest.mark.parametrize(("backend", "device"), [p for p in backend_params() if "triton" in p.id])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("g_mode", ["materialize", "fused"])
+def test_triton_bwd_g_modes(backend, device, layout, g_mode, monkeypatch):
+    """Both ways the Triton backward feeds its GEMMs (g_conv written once, or rebuilt from grad_y
+    and z inside each GEMM; DWSEP_TRITON_PW_BWD) give every gradient, in training and eval,
+    with every activation and ragged channel counts."""
+    monkeypatch.setenv("DWSEP_TRITON_PW_BWD", g_mode)
+    cases = [(True, "relu6", (2, 13, 5, 3), 40), (False, "relu", (1, 40, 3, 5), 3)]
+    cases.append((True, None, (2, 8, 4, 1), 17))
+    for i, (training, act, shape, cout) in enumerate(cases):
+        run_and_compare(
+            "pointwise",
+            backend,
+            device,
+            torch.float32,
+            shape,
+            cout=cout,
+            layout=layout,
+            training=training,
+            activation=act,
+            seed=i,
+        )
+
+
+def test_triton_bwd_g_mode_rejects_unknown(monkeypatch):
+    pytest.importorskip("triton")
+    from kernels_triton.pointwise_bwd import pw_bwd_mode
+
+    assert pw_bwd_mode("fused") == "fused"
+    monkeypatch.setenv("DWSEP_TRITON_PW_BWD", "fast")
+    with pytest.raises(ValueError, match=r"DWSEP_TRITON_PW_BWD.*'materialize'.*got 'fast'"):
+        pw_bwd_mode()
+    monkeypatch.delenv("DWSEP_TRITON_PW_BWD")
+    assert pw_bwd_mode() == "materialize"
+
+
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 def test_non_contiguous_inputs(backend, device):
     run_and_compare(

@@ -218,6 +218,38 @@ def test_bench_quick_smoke(tmp_path):
     assert "wrote" in proc.stdout
 
 
+def test_checkpoints_keep_the_model_cases_done(monkeypatch):
+    """run() hands a partial report to ``checkpoint`` after the layer part and after every model
+    case, so a run killed in the model part keeps what it measured; each renders as Markdown."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    R.add_arguments(p)
+    args = p.parse_args(
+        ["--quick", "--device", "cpu", "--alpha", "0.25", "--resolution", "32", "--batch", "1",
+         "--backend", "torch", "--compile", "none", "--layers", "none"]
+    )  # fmt: skip
+    cfg = R.config_from_args(args)
+    seen = []
+    # a copy: the live report is still being filled in (write_outputs writes it out at once)
+    rep = R.run(
+        cfg,
+        checkpoint=lambda part: seen.append((json.loads(json.dumps(part)), R.to_markdown(part))),
+    )
+    n_cases = sum(len(R._model_impls(cfg, m)) for m in R.MODEL_MODES)
+    assert len(seen) == 1 + n_cases
+    assert all(part["partial"] for part, _ in seen) and "partial" not in rep
+    assert "model" not in seen[0][0] and "(model part not run)" in seen[0][1]
+    done = [
+        sum(len(sec["results"]) for m, sec in part["model"].items() if m in R.MODEL_MODES)
+        for part, _ in seen[1:]
+    ]
+    assert done == list(range(1, n_cases + 1))
+    last, md = seen[-1]
+    assert "partial report" in md and "MobileNetV1 inference" in md
+    assert last["model"]["inference"]["results"]["eager"]["images_per_s"] > 0
+
+
 def test_select_layers_none_and_names():
     def cfg(layers):
         return types.SimpleNamespace(alpha=1.0, resolution=224, batch=2, layers=layers)
