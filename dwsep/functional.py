@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import _validation as V
 from . import backends, reference
-from .ops import DepthwiseConvBNActFn, PointwiseConvBNActFn, conv_out_hw
+from .ops import DepthwiseConvBNActFn, PointwiseConvBNActFn, conv_out_hw, dw_forward, pw_forward
 
 __all__ = ["depthwise_conv_bn_act", "pointwise_conv_bn_act"]
 
@@ -26,10 +26,14 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    """running = (1 - momentum) * running + momentum * batch (unbiased variance), as
+    F.batch_norm; both buffers in one multi-tensor launch per step."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1)) if count > 1 else var
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        bufs = [running_mean, running_var]
+        torch._foreach_mul_(bufs, 1.0 - momentum)
+        new = [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)]
+        torch._foreach_add_(bufs, new, alpha=momentum)
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
@@ -100,19 +104,11 @@ def depthwise_conv_bn_act(
     fmt = V.memory_format(x)
     x = x.contiguous(memory_format=fmt)
     weight = weight.contiguous()
-    y, mean, var = DepthwiseConvBNActFn.apply(
-        x,
-        weight,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        backend,
-        stride,
-        training,
-        float(eps),
-        act,
-    )
+    args = (x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training)
+    if _needs_grad(x, weight, bn_weight, bn_bias):
+        y, mean, var = DepthwiseConvBNActFn.apply(*args, float(eps), act)
+    else:  # no autograd.Function on the inference path (its overhead is per call)
+        y, mean, var = dw_forward(*args, float(eps), act)[:3]
     if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
     return y
@@ -176,19 +172,11 @@ def pointwise_conv_bn_act(
     fmt = V.memory_format(x)
     x = x.contiguous(memory_format=fmt)
     w2d = weight.reshape(cout, x.shape[1]).contiguous()
-    y, mean, var = PointwiseConvBNActFn.apply(
-        x,
-        w2d,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        backend,
-        training,
-        float(eps),
-        act,
-        keep_z,
-    )
+    args = (x, w2d, bn_weight, bn_bias, running_mean, running_var, backend, training, float(eps))
+    if keep_z:
+        y, mean, var = PointwiseConvBNActFn.apply(*args, act, keep_z)
+    else:  # no autograd.Function on the inference path (its overhead is per call)
+        y, mean, var = pw_forward(*args, act, False)[:3]
     if training and running_mean is not None and count > 0:
         _update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
     return y

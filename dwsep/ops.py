@@ -170,11 +170,13 @@ def op_table(backend: str):
 
 
 def _bn_affine(mean, invstd, bn_weight, bn_bias, acc):
-    """Fold BN into scale = gamma * invstd and shift = beta - mean * scale (acc dtype)."""
+    """Fold BN into scale = gamma * invstd and shift = beta - mean * scale (acc dtype), in as
+    few small-tensor ops as possible (each is a kernel launch on a GPU)."""
     scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
-    shift = -mean * scale
     if bn_bias is not None:
-        shift = shift + bn_bias.to(acc)
+        shift = torch.addcmul(bn_bias.to(acc), mean, scale, value=-1)
+    else:
+        shift = torch.mul(mean, scale).neg_()
     return scale.contiguous(), shift.contiguous()
 
 
@@ -194,6 +196,51 @@ def _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
     if training:
         return batch_mean, torch.rsqrt(batch_var + eps)
     return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+
+
+def dw_forward(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training, eps, act
+):
+    """The depthwise forward on a kernel backend, with no autograd: (y, batch_mean, batch_var,
+    mean, invstd, scale); the batch statistics are None in eval. Called directly when no
+    gradient is needed (no autograd.Function overhead), and by the Function otherwise."""
+    ops = op_table(backend)
+    acc = acc_dtype(x.dtype)
+    batch_mean = batch_var = None
+    if training:
+        batch_mean, batch_var = ops.dw_stats(x, weight, stride)
+    mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
+    scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
+    y = ops.dw_fwd(x, weight, scale, shift, stride, act)
+    return y, batch_mean, batch_var, mean, invstd, scale
+
+
+def pw_forward(
+    x, weight, bn_weight, bn_bias, running_mean, running_var, backend, training, eps, act, keep_z
+):
+    """The pointwise forward on a kernel backend, with no autograd: (y, batch_mean, batch_var,
+    z, mean, invstd, scale, shift); z is None unless training or keep_z (then the GEMM keeps the
+    pre-BN output for the backward), the batch statistics None in eval."""
+    ops = op_table(backend)
+    acc = acc_dtype(x.dtype)
+    z = batch_mean = batch_var = None
+    if training or keep_z:
+        z, batch_mean, batch_var = ops.pw_fwd_stats(x, weight)
+        if not training:
+            batch_mean = batch_var = None
+    mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
+    scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
+    if z is None:
+        y = ops.pw_fwd(x, weight, scale, shift, act)
+    else:
+        y = ops.bn_act(z, scale, shift, act)
+    return y, batch_mean, batch_var, z, mean, invstd, scale, shift
+
+
+def _no_stats(x):
+    """Placeholder batch statistics (an autograd.Function must return tensors)."""
+    e = x.new_empty((0,), dtype=acc_dtype(x.dtype))
+    return e, e.clone()
 
 
 class DepthwiseConvBNActFn(torch.autograd.Function):
@@ -218,15 +265,11 @@ class DepthwiseConvBNActFn(torch.autograd.Function):
         eps,
         act,
     ):
-        ops = op_table(backend)
-        acc = acc_dtype(x.dtype)
-        if training:
-            batch_mean, batch_var = ops.dw_stats(x, weight, stride)
-        else:
-            batch_mean, batch_var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-        mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
-        scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
-        y = ops.dw_fwd(x, weight, scale, shift, stride, act)
+        y, batch_mean, batch_var, mean, invstd, scale = dw_forward(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training, eps, act
+        )  # fmt: skip
+        if batch_mean is None:
+            batch_mean, batch_var = _no_stats(x)
         ctx.save_for_backward(x, weight, y, mean, invstd, scale, bn_weight)
         ctx.cfg = (backend, stride, training, act)
         ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
@@ -277,21 +320,11 @@ class PointwiseConvBNActFn(torch.autograd.Function):
         act,
         keep_z,
     ):
-        ops = op_table(backend)
-        acc = acc_dtype(x.dtype)
-        if training or keep_z:
-            z, batch_mean, batch_var = ops.pw_fwd_stats(x, weight)
-            if not training:
-                batch_mean, batch_var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-        else:
-            z = None
-            batch_mean, batch_var = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-        mean, invstd = _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
-        scale, shift = _bn_affine(mean, invstd, bn_weight, bn_bias, acc)
-        if z is None:
-            y = ops.pw_fwd(x, weight, scale, shift, act)
-        else:
-            y = ops.bn_act(z, scale, shift, act)
+        y, batch_mean, batch_var, z, mean, invstd, scale, shift = pw_forward(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, backend, training, eps, act, keep_z
+        )  # fmt: skip
+        if batch_mean is None:
+            batch_mean, batch_var = _no_stats(x)
         ctx.save_for_backward(x, weight, z, mean, invstd, scale, shift, bn_weight)
         ctx.cfg = (backend, training, act)
         ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None

@@ -119,6 +119,40 @@ def autotune_enabled() -> bool:
     return os.environ.get("DWSEP_TRITON_AUTOTUNE", "1") not in ("", "0")
 
 
+def _short_bench(kernel_call, quantiles):
+    """The autotuner's timing of one config: 5 ms of warm-up and 20 ms of repeats (Triton's
+    default is 25 + 100 ms). Enough repeats to rank configs of these kernels (tens of
+    microseconds to a few milliseconds each), and 5x less first-use tuning: a MobileNetV1
+    training step tunes hundreds of (kernel, shape, config) triples."""
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune_options() -> dict:
+    """Keyword arguments for every ``@triton.autotune`` here, where this Triton has them:
+    ``cache_results`` (the chosen config is stored in Triton's cache directory, keyed by the
+    kernel source, the GPU target, the tuning key and the configs, so later processes skip the
+    benchmarking; ``DWSEP_TRITON_AUTOTUNE_CACHE=0`` turns it off) and the shorter benchmark."""
+    import inspect
+
+    params = inspect.signature(triton.autotune).parameters
+    opts: dict = {}
+    if INTERPRET:
+        return opts
+    if "cache_results" in params and os.environ.get("DWSEP_TRITON_AUTOTUNE_CACHE", "1") not in (
+        "",
+        "0",
+    ):
+        opts["cache_results"] = True
+    if "do_bench" in params:
+        opts["do_bench"] = _short_bench
+    return opts
+
+
+AUTOTUNE_OPTS = autotune_options()
+
+
 def finish_prune(keep: list) -> list:
     """The end of every prune hook: the kept configs, or the first alone when autotuning is off."""
     return keep if autotune_enabled() else keep[:1]

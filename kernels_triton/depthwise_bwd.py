@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    AUTOTUNE_OPTS,
     acc_tl_dtype,
     act_pass,
     dense,
@@ -47,6 +48,7 @@ def _grad_z(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=TILE_CONFIGS,
     key=["C", "H", "W", "x_sc", "CHUNK"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
@@ -234,6 +236,7 @@ def _gconv_tile(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=GCONV_CONFIGS,
     key=["C", "H", "W", "x_sc", "CHUNK"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
@@ -358,6 +361,7 @@ def _dw_bwd_gconv_kernel(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=TILE_CONFIGS,
     key=["C", "H", "W", "x_sc"],
     prune_configs_by={"early_config_prune": prune_tile_configs},

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    AUTOTUNE_OPTS,
     acc_tl_dtype,
     apply_act,
     dense,
@@ -134,6 +135,7 @@ def conv_pixel(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=TILE_CONFIGS,
     key=["C", "H", "W", "x_sc", "y_sc"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
@@ -232,6 +234,7 @@ STATS_CONFIGS = _stats_configs()
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=STATS_CONFIGS,
     key=["C", "H", "W", "x_sc", "CHUNK"],
     prune_configs_by={"early_config_prune": prune_tile_configs},

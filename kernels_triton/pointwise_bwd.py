@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    AUTOTUNE_OPTS,
     INTERPRET,
     acc_tl_dtype,
     act_pass,
@@ -52,6 +53,7 @@ def _g_conv(gy, zv, kk, bb, cc, sc, sh, m2d, ACT: tl.constexpr):
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=TILE_CONFIGS,
     key=["C", "P", "x_sc", "gy_sc", "g_sc"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
@@ -109,6 +111,7 @@ def _pw_bwd_g_kernel(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=TILE_CONFIGS,
     key=["C", "P", "x_sc", "CHUNK"],
     prune_configs_by={"early_config_prune": prune_tile_configs},
@@ -177,6 +180,7 @@ def _pw_bwd_reduce_kernel(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=GEMM_CONFIGS,
     key=["B", "P", "Cin", "Cout", "x_sc", "G_READY"],
     prune_configs_by=_PRUNE,
@@ -272,6 +276,7 @@ def _pw_bwd_dx_kernel(
 
 
 @triton.autotune(
+    **AUTOTUNE_OPTS,
     configs=GEMM_CONFIGS,
     key=["B", "P", "Cin", "Cout", "x_sc", "SPLIT", "G_READY"],
     prune_configs_by=_PRUNE,

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    AUTOTUNE_OPTS,
     acc_tl_dtype,
     apply_act,
     dense,
@@ -193,7 +194,10 @@ def _pw_fwd_kernel(
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS, key=["B", "P", "Cin", "Cout", "x_sc", "y_sc"], prune_configs_by=_PRUNE
+    **AUTOTUNE_OPTS,
+    configs=GEMM_CONFIGS,
+    key=["B", "P", "Cin", "Cout", "x_sc", "y_sc"],
+    prune_configs_by=_PRUNE,
 )
 @triton.jit
 def _pw_fwd_act_kernel(
@@ -254,7 +258,10 @@ def _pw_fwd_act_kernel(
 
 
 @triton.autotune(
-    configs=GEMM_CONFIGS_NO_BM, key=["B", "P", "Cin", "Cout", "x_sc", "BM"], prune_configs_by=_PRUNE
+    **AUTOTUNE_OPTS,
+    configs=GEMM_CONFIGS_NO_BM,
+    key=["B", "P", "Cin", "Cout", "x_sc", "BM"],
+    prune_configs_by=_PRUNE,
 )
 @triton.jit
 def _pw_fwd_stats_kernel(

@@ -127,3 +127,24 @@ def test_main_job_runs():
     out = subprocess.run([sys.executable, "-m", "dwsep", "info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert '"cuda_compiled"' in out.stdout
+
+
+def test_triton_autotune_options(monkeypatch):
+    """Off the interpreter every autotuned kernel caches its choice on disk (unless
+    DWSEP_TRITON_AUTOTUNE_CACHE=0) and times configs with the short benchmark, where this Triton
+    takes those options; the interpreter gets none."""
+    import inspect
+
+    triton = pytest.importorskip("triton")
+    from kernels_triton import _common
+
+    params = inspect.signature(triton.autotune).parameters
+    monkeypatch.setattr(_common, "INTERPRET", False)
+    monkeypatch.delenv("DWSEP_TRITON_AUTOTUNE_CACHE", raising=False)
+    opts = _common.autotune_options()
+    assert opts.get("cache_results") is (True if "cache_results" in params else None)
+    assert opts.get("do_bench") is (_common._short_bench if "do_bench" in params else None)
+    monkeypatch.setenv("DWSEP_TRITON_AUTOTUNE_CACHE", "0")
+    assert "cache_results" not in _common.autotune_options()
+    monkeypatch.setattr(_common, "INTERPRET", True)
+    assert _common.autotune_options() == {}
