@@ -65,29 +65,33 @@ def test_inference_without_grad_and_no_affine(backend, device, training):
 @pytest.mark.parametrize(
     ("layout", "hw"), [("contiguous", (5, 6)), ("contiguous", (28, 29)), ("channels_last", (5, 6))]
 )
-def test_cpu_inference_paths(mkldnn, layout, hw):
-    """The CPU pw_fwd has two fp32 paths: oneDNN's convolution on BN-folded weights (channels_last,
-    and NCHW planes under 28x28) and block-wise sgemm + fused epilogue (NCHW planes from 28x28,
-    and whenever oneDNN is disabled). Both against the oracle, every activation."""
+def test_cpu_forward_paths(mkldnn, layout, hw):
+    """The CPU pw_fwd and pw_fwd_stats have two fp32 paths: oneDNN's convolution (on BN-folded
+    weights in inference; z, then the per-block statistics of z, in training) for channels_last
+    and NCHW planes under 28x28, and block-wise sgemm + fused epilogue (NCHW planes from 28x28,
+    and whenever oneDNN is disabled). Both against the oracle, every activation, inference and
+    training (batch statistics, running statistics, every gradient)."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
     saved = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = mkldnn
     try:
-        for i, act in enumerate(ACTS):
-            run_and_compare(
-                "pointwise",
-                "cpu",
-                "cpu",
-                torch.float32,
-                (2, 12, *hw),
-                cout=19,
-                layout=layout,
-                activation=act,
-                grads=False,
-                seed=i,
-            )
+        for training in (False, True):
+            for i, act in enumerate(ACTS):
+                run_and_compare(
+                    "pointwise",
+                    "cpu",
+                    "cpu",
+                    torch.float32,
+                    (2, 12, *hw),
+                    cout=19,
+                    layout=layout,
+                    training=training,
+                    activation=act,
+                    grads=training,
+                    seed=i,
+                )
     finally:
         torch.backends.mkldnn.enabled = saved
 
@@ -147,6 +151,49 @@ def test_triton_bwd_g_mode_rejects_unknown(monkeypatch):
         pw_bwd_mode()
     monkeypatch.delenv("DWSEP_TRITON_PW_BWD")
     assert pw_bwd_mode() == "materialize"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("schedule", ["auto", "blocks", "chunks"])
+def test_cpu_bwd_schedules(dtype, schedule, monkeypatch):
+    """Both schedules of the CPU pointwise backward (DWSEP_CPU_PW_BWD) give every gradient:
+    channels_last with Cin * Cout = 256^2, where "auto" takes the chunks, over 4608 rows (two
+    4096-row chunks, the second ragged), in training and eval, each compared with the float64
+    oracle; and the two schedules agree."""
+    if "cpu" not in dwsep.available_backends("cpu"):
+        pytest.skip("the compiled cpu backend is not available")
+    monkeypatch.setenv("DWSEP_CPU_PW_BWD", schedule)
+    for training, act in [(True, "relu6"), (False, None)]:
+        run_and_compare(
+            "pointwise",
+            "cpu",
+            "cpu",
+            dtype,
+            (2, 256, 48, 48),
+            cout=256,
+            layout="channels_last",
+            training=training,
+            activation=act,
+        )
+    if schedule == "auto":
+        table = dwsep.ops.op_table("cpu")
+        g = torch.Generator().manual_seed(0)
+        n, c, h, w = 2, 256, 48, 48
+        cl = torch.channels_last
+        x, z, gy = (
+            torch.randn(n, c, h, w, generator=g, dtype=dtype).contiguous(memory_format=cl)
+            for _ in range(3)
+        )
+        weight = (torch.randn(c, c, generator=g) / 16).to(dtype)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        vec = [torch.rand(c, generator=g, dtype=acc) + 0.5 for _ in range(5)]
+        out = {}
+        for mode in ("blocks", "chunks"):
+            monkeypatch.setenv("DWSEP_CPU_PW_BWD", mode)
+            out[mode] = table.pw_bwd(gy, z, x, weight, *vec, 2)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+        for a, b in zip(out["blocks"], out["chunks"]):
+            torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * b.abs().max())
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())

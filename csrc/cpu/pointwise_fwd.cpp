@@ -40,6 +40,52 @@ at::Tensor acc_weight(const at::Tensor& weight) {
   return weight.scalar_type() == acc ? weight : weight.to(acc).contiguous();
 }
 
+// Moments of one block of z (two passes over the in-cache block), stored as row `bi` of the
+// [count][Cp] partials. NHWC: `len` rows of Cout channels, row stride Cout. NCHW: Cout rows of
+// `len` pixels, row stride `ld`.
+template <typename Acc>
+void block_moments_nhwc(const Acc* zb, int64_t len, int64_t Cout, Acc* pmean, Acc* pm2) {
+  using Vec = at::vec::Vectorized<Acc>;
+  constexpr int64_t kV = Vec::size();
+  const Vec inv(static_cast<Acc>(1.0 / static_cast<double>(len)));
+  for (int64_t c0 = 0; c0 < Cout; c0 += kV) {
+    const int64_t cnt = std::min(kV, Cout - c0);
+    Vec sum(0);
+    for (int64_t i = 0; i < len; ++i) sum = sum + Vec::loadu(zb + i * Cout + c0, cnt);
+    const Vec mean = sum * inv;
+    Vec m2(0);
+    for (int64_t i = 0; i < len; ++i) {
+      const Vec d = Vec::loadu(zb + i * Cout + c0, cnt) - mean;
+      m2 = at::vec::fmadd(d, d, m2);
+    }
+    mean.store(pmean + c0);
+    m2.store(pm2 + c0);
+  }
+}
+
+template <typename Acc>
+void block_moments_nchw_row(const Acc* zr, int64_t len, Acc* pmean, Acc* pm2) {
+  using Vec = at::vec::Vectorized<Acc>;
+  constexpr int64_t kV = Vec::size();
+  Vec sum(0);
+  int64_t i = 0;
+  for (; i + kV <= len; i += kV) sum = sum + Vec::loadu(zr + i);
+  if (i < len) sum = sum + Vec::loadu(zr + i, len - i);
+  const Acc mean = static_cast<Acc>(hsum(sum) / static_cast<double>(len));
+  const Vec mv(mean);
+  Vec m2(0);
+  for (i = 0; i + kV <= len; i += kV) {
+    const Vec d = Vec::loadu(zr + i) - mv;
+    m2 = at::vec::fmadd(d, d, m2);
+  }
+  if (i < len) {
+    const Vec d = Vec::set(Vec(0), Vec::loadu(zr + i, len - i) - mv, len - i);
+    m2 = at::vec::fmadd(d, d, m2);
+  }
+  *pmean = mean;
+  *pm2 = static_cast<Acc>(hsum(m2));
+}
+
 // kStats = false: y = act(z * scale + shift) (pw_fwd).
 // kStats = true: y holds z, and pmean/pm2 ([count][Cp]) the per-block moments (pw_fwd_stats).
 template <typename T, int kAct, bool kStats>
@@ -78,20 +124,7 @@ void pw_forward(const T* x, const at::Tensor& wa, const typename AccOf<T>::type*
         at::Tensor zt = blob(zb, {len, Cout}, {Cout, 1});
         at::cpu::mm_out(zt, blob(xa, {len, Cin}, {Cin, 1}), blob(wp, {Cin, Cout}, {1, Cin}));
         if constexpr (kStats) {
-          const Vec inv(static_cast<Acc>(1.0 / static_cast<double>(len)));
-          for (int64_t c0 = 0; c0 < Cout; c0 += kV) {
-            const int64_t cnt = std::min(kV, Cout - c0);
-            Vec sum(0);
-            for (int64_t i = 0; i < len; ++i) sum = sum + Vec::loadu(zb + i * Cout + c0, cnt);
-            const Vec mean = sum * inv;
-            Vec m2(0);
-            for (int64_t i = 0; i < len; ++i) {
-              const Vec d = Vec::loadu(zb + i * Cout + c0, cnt) - mean;
-              m2 = at::vec::fmadd(d, d, m2);
-            }
-            mean.store(pmean + bi * Cp + c0);
-            m2.store(pm2 + bi * Cp + c0);
-          }
+          block_moments_nhwc<Acc>(zb, len, Cout, pmean + bi * Cp, pm2 + bi * Cp);
           if constexpr (!kSame) convert_from_acc<T>(zb, yb, len * Cout);
         } else {
           for (int64_t i = 0; i < len; ++i) {
@@ -131,23 +164,7 @@ void pw_forward(const T* x, const at::Tensor& wa, const typename AccOf<T>::type*
           const Acc* zr = zb + co * len;
           T* yr = yb + co * HW;
           if constexpr (kStats) {
-            Vec sum(0);
-            int64_t i = 0;
-            for (; i + kV <= len; i += kV) sum = sum + Vec::loadu(zr + i);
-            if (i < len) sum = sum + Vec::loadu(zr + i, len - i);
-            const Acc mean = static_cast<Acc>(hsum(sum) / static_cast<double>(len));
-            const Vec mv(mean);
-            Vec m2(0);
-            for (i = 0; i + kV <= len; i += kV) {
-              const Vec d = Vec::loadu(zr + i) - mv;
-              m2 = at::vec::fmadd(d, d, m2);
-            }
-            if (i < len) {
-              const Vec d = Vec::set(Vec(0), Vec::loadu(zr + i, len - i) - mv, len - i);
-              m2 = at::vec::fmadd(d, d, m2);
-            }
-            pmean[bi * Cp + co] = mean;
-            pm2[bi * Cp + co] = static_cast<Acc>(hsum(m2));
+            block_moments_nchw_row<Acc>(zr, len, pmean + bi * Cp + co, pm2 + bi * Cp + co);
             if (!direct) convert_from_acc<T>(zr, yr, len);
           } else {
             const Vec a(sc[co]), b(sh[co]);
@@ -193,6 +210,38 @@ at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
 }
 
+// Training forward on the same oneDNN path (fp32, where use_onednn): z = conv2d(x, W), then the
+// per-block moments over the fixed PwBlocks blocks of z (the same partials, merged in the same
+// order, as the block-wise path). Measured on the 2-core dev host, channels_last, batch 8
+// (bench/NOTES.md).
+template <typename Acc>
+at::Tensor pw_fwd_stats_onednn(const at::Tensor& x, const at::Tensor& weight, Acc* pmean, Acc* pm2,
+                               const PwShape& s, const PwBlocks& B) {
+  at::Tensor z;
+  {
+    at::NoGradGuard no_grad;
+    z = at::conv2d(x, weight.view({s.Cout, s.Cin, 1, 1}));
+  }
+  const auto fmt = memory_format(s.nhwc);
+  if (!z.is_contiguous(fmt)) z = z.contiguous(fmt);
+  const Acc* zp = z.const_data_ptr<Acc>();
+  const int64_t Cout = s.Cout, HW = s.HW, Cp = round_up(Cout, VecIO<Acc>::kV);
+  at::parallel_for(0, B.count, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bi = b0; bi < b1; ++bi) {
+      const auto blk = B.get(bi);
+      if (B.nhwc) {
+        block_moments_nhwc<Acc>(zp + blk.p0 * Cout, blk.len, Cout, pmean + bi * Cp, pm2 + bi * Cp);
+      } else {
+        const Acc* zb = zp + blk.n * Cout * HW + blk.p0;
+        for (int64_t co = 0; co < Cout; ++co)
+          block_moments_nchw_row<Acc>(zb + co * HW, blk.len, pmean + bi * Cp + co,
+                                      pm2 + bi * Cp + co);
+      }
+    }
+  });
+  return z;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Glue
 
@@ -234,14 +283,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_stats_cpu(const at::Tensor
     return {z, mean, var};
   }
   const PwBlocks B(s);
+  const bool onednn = use_onednn(s, x.scalar_type());
   DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_pw_fwd_stats_cpu", [&] {
     using Acc = typename AccOf<scalar_t>::type;
     const int64_t Cp = round_up(s.Cout, VecIO<scalar_t>::kV);
-    const at::Tensor wa = acc_weight<scalar_t>(weight);
     std::vector<Acc> pmean(B.count * Cp), pm2(B.count * Cp);
-    pw_forward<scalar_t, kActNone, true>(x.const_data_ptr<scalar_t>(), wa, nullptr, nullptr,
-                                         z.mutable_data_ptr<scalar_t>(), pmean.data(), pm2.data(),
-                                         s, B);
+    if (onednn) {  // fp32 only (use_onednn)
+      z = pw_fwd_stats_onednn<Acc>(x, weight, pmean.data(), pm2.data(), s, B);
+    } else {
+      const at::Tensor wa = acc_weight<scalar_t>(weight);
+      pw_forward<scalar_t, kActNone, true>(x.const_data_ptr<scalar_t>(), wa, nullptr, nullptr,
+                                           z.mutable_data_ptr<scalar_t>(), pmean.data(), pm2.data(),
+                                           s, B);
+    }
     Acc* mp = mean.mutable_data_ptr<Acc>();
     Acc* vp = var.mutable_data_ptr<Acc>();
     at::parallel_for(0, s.Cout, 16, [&](int64_t c_begin, int64_t c_end) {
