@@ -130,6 +130,35 @@ void pw_bwd_reduce_kernel(const T* gy, const T* z, const at::Tensor& scale, cons
 // ---------------------------------------------------------------------------------------------
 // pw_bwd
 
+// g_conv = k*g_z + b*z + c for `rows` channels_last rows of Cout channels (row stride Cout),
+// g_z = grad_y * act'(z*scale + shift), into `out` (Acc, row stride Cout).
+template <typename T, int kAct>
+inline void g_conv_rows_nhwc(const T* gy, const T* z, int64_t rows, int64_t Cout,
+                             const std::vector<typename AccOf<T>::type>& sc,
+                             const std::vector<typename AccOf<T>::type>& sh,
+                             const std::vector<typename AccOf<T>::type>& kk,
+                             const std::vector<typename AccOf<T>::type>& bb,
+                             const std::vector<typename AccOf<T>::type>& cc,
+                             typename AccOf<T>::type* out) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t c0 = 0; c0 < Cout; c0 += kV) {
+      const int64_t cnt = std::min(kV, Cout - c0);
+      const int64_t o = i * Cout + c0;
+      const Vec zv = cnt == kV ? IO::load(z + o) : IO::load(z + o, cnt);
+      const Vec gv = cnt == kV ? IO::load(gy + o) : IO::load(gy + o, cnt);
+      const Vec gz = act_grad<kAct>(
+          gv, at::vec::fmadd(zv, Vec::loadu(sc.data() + c0), Vec::loadu(sh.data() + c0)));
+      const Vec gc = at::vec::fmadd(
+          Vec::loadu(kk.data() + c0), gz,
+          at::vec::fmadd(Vec::loadu(bb.data() + c0), zv, Vec::loadu(cc.data() + c0)));
+      gc.store(out + o, cnt);
+    }
+  }
+}
+
 // Rows per chunk of the chunks schedule: ~4 MB of fp32 on the wider side (fixed, so results do
 // not depend on the machine), at least 256.
 inline int64_t pw_bwd_chunk_rows(int64_t cin, int64_t cout) {
@@ -157,10 +186,7 @@ void pw_bwd_chunks(const T* gy, const T* z, const T* x, const typename AccOf<T>:
                    const std::vector<typename AccOf<T>::type>& bb,
                    const std::vector<typename AccOf<T>::type>& cc, T* gx,
                    typename AccOf<T>::type* gw, const PwShape& s) {
-  using IO = VecIO<T>;
-  using Acc = typename IO::Acc;
-  using Vec = typename IO::Vec;
-  constexpr int64_t kV = IO::kV;
+  using Acc = typename AccOf<T>::type;
   constexpr bool kSame = std::is_same_v<T, Acc>;
   const int64_t Cin = s.Cin, Cout = s.Cout, M = s.N * s.HW;
   const int64_t R = std::min(M, pw_bwd_chunk_rows(Cin, Cout));
@@ -172,20 +198,8 @@ void pw_bwd_chunks(const T* gy, const T* z, const T* x, const typename AccOf<T>:
     const T* gyb = gy + r0 * Cout;
     const T* zb = z + r0 * Cout;
     at::parallel_for(0, len, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        for (int64_t c0 = 0; c0 < Cout; c0 += kV) {
-          const int64_t cnt = std::min(kV, Cout - c0);
-          const int64_t o = i * Cout + c0;
-          const Vec zv = cnt == kV ? IO::load(zb + o) : IO::load(zb + o, cnt);
-          const Vec gv = cnt == kV ? IO::load(gyb + o) : IO::load(gyb + o, cnt);
-          const Vec gz = act_grad<kAct>(
-              gv, at::vec::fmadd(zv, Vec::loadu(sc.data() + c0), Vec::loadu(sh.data() + c0)));
-          const Vec gc = at::vec::fmadd(
-              Vec::loadu(kk.data() + c0), gz,
-              at::vec::fmadd(Vec::loadu(bb.data() + c0), zv, Vec::loadu(cc.data() + c0)));
-          gc.store(gbuf.data() + o, cnt);
-        }
-      }
+      g_conv_rows_nhwc<T, kAct>(gyb + i0 * Cout, zb + i0 * Cout, i1 - i0, Cout, sc, sh, kk, bb, cc,
+                                gbuf.data() + i0 * Cout);
     });
     const at::Tensor gt = blob(gbuf.data(), {len, Cout}, {Cout, 1});
     // grad_x[len, Cin] = G @ W
@@ -255,20 +269,7 @@ void pw_bwd_kernel(const T* gy, const T* z, const T* x, const at::Tensor& wa,
           // G[len, Cout]
           const T* gyb = gy + blk.p0 * Cout;
           const T* zb = z + blk.p0 * Cout;
-          for (int64_t i = 0; i < len; ++i) {
-            for (int64_t c0 = 0; c0 < Cout; c0 += kV) {
-              const int64_t cnt = std::min(kV, Cout - c0);
-              const int64_t o = i * Cout + c0;
-              const Vec zv = cnt == kV ? IO::load(zb + o) : IO::load(zb + o, cnt);
-              const Vec gv = cnt == kV ? IO::load(gyb + o) : IO::load(gyb + o, cnt);
-              const Vec gz = act_grad<kAct>(
-                  gv, at::vec::fmadd(zv, Vec::loadu(sc.data() + c0), Vec::loadu(sh.data() + c0)));
-              const Vec gc = at::vec::fmadd(
-                  Vec::loadu(kk.data() + c0), gz,
-                  at::vec::fmadd(Vec::loadu(bb.data() + c0), zv, Vec::loadu(cc.data() + c0)));
-              gc.store(gbuf.data() + o, cnt);
-            }
-          }
+          g_conv_rows_nhwc<T, kAct>(gyb, zb, len, Cout, sc, sh, kk, bb, cc, gbuf.data());
           const at::Tensor gt = blob(gbuf.data(), {len, Cout}, {Cout, 1});
           // grad_x[len, Cin] = G @ W
           T* gxb = gx + blk.p0 * Cin;
