@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -151,6 +152,20 @@ def autotune_options() -> dict:
 
 
 AUTOTUNE_OPTS = autotune_options()
+
+
+def config_with(cfg, meta: Optional[dict] = None, **launch):
+    """A copy of autotune config ``cfg`` with meta-parameters added or replaced (``meta``) and/or
+    launch options replaced (num_warps, num_stages, num_ctas, maxnreg)."""
+    opts = {
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+        "num_ctas": cfg.num_ctas,
+        "maxnreg": cfg.maxnreg,
+        "pre_hook": cfg.pre_hook,
+    }
+    opts.update(launch)
+    return triton.Config({**cfg.kwargs, **(meta or {})}, **opts)
 
 
 def finish_prune(keep: list) -> list:

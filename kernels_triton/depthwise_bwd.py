@@ -23,6 +23,7 @@ from ._common import (
     AUTOTUNE_OPTS,
     acc_tl_dtype,
     act_pass,
+    config_with,
     dense,
     layout_strides,
     needs_i64,
@@ -146,10 +147,7 @@ def _gconv_configs() -> list:
         (256, 4, 4),
         (256, 8, 8),
     ]
-    gpu = [
-        triton.Config({**cfg.kwargs, "TAP_ACC": False}, num_warps=cfg.num_warps)
-        for cfg in TILE_CONFIGS
-    ]
+    gpu = [config_with(cfg, {"TAP_ACC": False}) for cfg in TILE_CONFIGS]
     gpu += [
         triton.Config({"BLOCK_P": bp, "BLOCK_C": bc, "TAP_ACC": True}, num_warps=nw)
         for bp, bc, nw in small

@@ -18,6 +18,7 @@ from ._common import (
     AUTOTUNE_OPTS,
     acc_tl_dtype,
     apply_act,
+    config_with,
     dense,
     finish_prune,
     layout_strides,
@@ -222,9 +223,7 @@ def _stats_configs() -> list:
     cross-warp reductions per tile), True keeps a running mean and M2 per element lane and merges
     the lanes once per chunk; the autotuner picks per shape."""
     gpu = [
-        triton.Config({**cfg.kwargs, "LANE_STATS": lanes}, num_warps=cfg.num_warps)
-        for lanes in (False, True)
-        for cfg in TILE_CONFIGS
+        config_with(cfg, {"LANE_STATS": lanes}) for lanes in (False, True) for cfg in TILE_CONFIGS
     ]
     interp = [triton.Config({"BLOCK_P": 32, "BLOCK_C": 16, "LANE_STATS": True}, num_warps=4)]
     return pick_configs(gpu, interp)

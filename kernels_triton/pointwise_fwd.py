@@ -18,6 +18,7 @@ from ._common import (
     AUTOTUNE_OPTS,
     acc_tl_dtype,
     apply_act,
+    config_with,
     dense,
     dot_precision,
     finish_prune,
@@ -69,16 +70,7 @@ FP64_MAX_STAGES = 3
 
 
 def _cap_stages(cfg, stages: int):
-    if cfg.num_stages <= stages:
-        return cfg
-    return triton.Config(
-        dict(cfg.kwargs),
-        num_warps=cfg.num_warps,
-        num_stages=stages,
-        num_ctas=cfg.num_ctas,
-        maxnreg=cfg.maxnreg,
-        pre_hook=cfg.pre_hook,
-    )
+    return cfg if cfg.num_stages <= stages else config_with(cfg, num_stages=stages)
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
