@@ -169,12 +169,17 @@ def op_table(backend: str):
 # Autograd
 
 
+def _as(t, dtype):
+    """t in dtype; t itself when it already is (skips a dispatcher round trip per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _bn_affine(mean, invstd, bn_weight, bn_bias, acc):
     """Fold BN into scale = gamma * invstd and shift = beta - mean * scale (acc dtype), in as
     few small-tensor ops as possible (each is a kernel launch on a GPU)."""
-    scale = invstd * bn_weight.to(acc) if bn_weight is not None else invstd
+    scale = invstd * _as(bn_weight, acc) if bn_weight is not None else invstd
     if bn_bias is not None:
-        shift = torch.addcmul(bn_bias.to(acc), mean, scale, value=-1)
+        shift = torch.addcmul(_as(bn_bias, acc), mean, scale, value=-1)
     else:
         shift = torch.mul(mean, scale).neg_()
     return scale.contiguous(), shift.contiguous()
@@ -195,7 +200,7 @@ def _grad_coefficients(training, scale, invstd, mean, sum_gz, sum_gzxh, count):
 def _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc):
     if training:
         return batch_mean, torch.rsqrt(batch_var + eps)
-    return running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)
+    return _as(running_mean, acc), torch.rsqrt(_as(running_var, acc) + eps)
 
 
 def dw_forward(
