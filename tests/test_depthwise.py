@@ -99,6 +99,31 @@ def test_non_contiguous_inputs(backend, device):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_plane_widths(dtype, stride):
+    # The C++ NCHW small-plane path copies rows narrower than a vector as whole vectors read
+    # from the rows below (element-wise near the plane's end) and clears the junk they leave;
+    # rows of a vector or more end with an overlapping vector. Every width from 1 to 19 (both
+    # sides of 4 and 8 lanes and 16 and 18), heights down to 1, through forward, statistics
+    # and backward.
+    if "cpu" not in dwsep.available_backends():
+        pytest.skip("the C++ CPU kernels are not built")
+    for w in range(1, 20):
+        for h in (1, 2, 3, 9):
+            run_and_compare(
+                "depthwise",
+                "cpu",
+                "cpu",
+                dtype,
+                (2, 3, h, w),
+                stride=stride,
+                training=(w + h) % 2 == 0,
+                activation=ACTS[w % 3],
+                seed=w * 10 + h,
+            )
+
+
 def _dw_op_args(device, layout, stride, dtype=torch.float32):
     x, weight, bn = make_inputs("depthwise", (2, 5, 7, 6), dtype, device)
     x = to_layout(x, layout)

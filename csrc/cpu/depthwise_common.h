@@ -81,24 +81,63 @@ struct VecIO {
   }
 };
 
-// dst[0, n) = src[0, n) converted to Acc.
+// dst[0, n) = src[0, n) converted to Acc; src and dst must not overlap.
 // (Explicit vector loops rather than memcpy: glibc's `rep movsb` path for mid-sized copies is
-// several times slower than this on the AMD hosts measured.)
+// several times slower than this on the AMD hosts measured.) A ragged tail of a run of at least
+// one vector is one more full vector ending at n, overlapping the last one (it rewrites equal
+// values): no scalar tail for the 14- and 28-wide rows of MobileNet's small planes.
 template <typename T>
 inline void convert_to_acc(const T* src, typename AccOf<T>::type* dst, int64_t n) {
   using IO = VecIO<T>;
   int64_t i = 0;
   for (; i + IO::kV <= n; i += IO::kV) IO::load(src + i).store(dst + i);
+  if (i == n) return;
+  if (n >= IO::kV) {
+    IO::load(src + n - IO::kV).store(dst + n - IO::kV);
+    return;
+  }
   for (; i < n; ++i) dst[i] = static_cast<typename AccOf<T>::type>(src[i]);
 }
 
-// dst[0, n) = src[0, n) rounded to T.
+// dst[0, n) = src[0, n) rounded to T; src and dst must not overlap. Tail as in convert_to_acc.
 template <typename T>
 inline void convert_from_acc(const typename AccOf<T>::type* src, T* dst, int64_t n) {
   using IO = VecIO<T>;
   int64_t i = 0;
   for (; i + IO::kV <= n; i += IO::kV) IO::store(dst + i, IO::Vec::loadu(src + i));
+  if (i == n) return;
+  if (n >= IO::kV) {
+    IO::store(dst + n - IO::kV, IO::Vec::loadu(src + n - IO::kV));
+    return;
+  }
   for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Row copies for rows shorter than a vector (the 7-wide rows of 7x7 planes), where the tail
+// trick above does not apply: one full vector, reading src[0, kV) (the caller guarantees kV
+// readable elements, e.g. the rows after this one in the same plane) and writing dst[0, kV), so
+// dst[n, kV) receives junk the caller must overwrite or clear. Longer runs, or too few readable
+// elements: the exact copies above.
+template <typename T>
+inline void convert_to_acc_over(const T* src, typename AccOf<T>::type* dst, int64_t n,
+                                int64_t readable) {
+  using IO = VecIO<T>;
+  if (n < IO::kV && readable >= IO::kV) {
+    IO::load(src).store(dst);
+  } else {
+    convert_to_acc<T>(src, dst, n);
+  }
+}
+// The same for stores: writes dst[0, kV) when n < kV <= writable (junk in dst[n, kV)).
+template <typename T>
+inline void convert_from_acc_over(const typename AccOf<T>::type* src, T* dst, int64_t n,
+                                  int64_t writable) {
+  using IO = VecIO<T>;
+  if (n < IO::kV && writable >= IO::kV) {
+    IO::store(dst, IO::Vec::loadu(src));
+  } else {
+    convert_from_acc<T>(src, dst, n);
+  }
 }
 
 // Sum of the lanes, in lane order, in double.
@@ -556,7 +595,10 @@ class FlatPlane {
     L_ = S == 1 ? W + 2 : Wo_ + 1;
     sub_ = pad_stride<Acc>((Ho_ * S + 3) * L_ + 2 * kV);
     buf_.assign((S == 1 ? 1 : 4) * sub_, Acc(0));
-    if constexpr (S == 2) scratch_.assign(2 * L_ + 2 * kV, Acc(0));
+    // Stride 2: a scratch row covers the split's reads, [0, 2 * round_up(L_, kV)) >= W + 2; the
+    // ring is followed by a vector of slack for the last slot's junk-clearing store.
+    Ls_ = 2 * round_up(L_, kV);
+    if constexpr (S == 2) scratch_.assign(kRing * Ls_ + kV, Acc(0));
     count_ = (Ho_ - 1) * L_ + Wo_;
     valid_.assign(round_up(count_, kV) + kV, Acc(0));
     for (int64_t q = 0; q < count_; ++q) valid_[q] = (q % L_) < Wo_ ? Acc(1) : Acc(0);
@@ -568,26 +610,49 @@ class FlatPlane {
   // 1 where q is a real output, 0 on junk entries and past count().
   const Acc* valid() const { return valid_.data(); }
 
-  // Copy one input plane in (the padding stays 0). Stride 2: each row is converted into a
-  // scratch row that holds the left zero pad, the W inputs and zeros after them, then split by
-  // column parity two vectors at a time. Those full-vector stores may run past a sub-plane row
-  // of L_ entries into the rows after it: they write zeros there (scratch entries past W), and
-  // rows are loaded top to bottom, so a later row overwrites them with its own values and the
-  // bottom padding row only ever receives zeros.
+  // Copy one input plane in (the padding stays 0). Stride 2: each row is converted into a ring
+  // of scratch rows of Ls_ entries that hold the left zero pad, the W inputs and zeros after
+  // them, and kLag rows later split by column parity two vectors at a time. (Splitting a row
+  // right after converting it loads vectors that straddle the stores just made, which stalls
+  // store-to-load forwarding: the 14x14 stride-2 layer ran 2.5x slower that way.)
+  // The split's full-vector stores may run past a sub-plane row of L_ entries into the rows
+  // after it: they write zeros there (scratch entries past W), and rows are split top to bottom,
+  // so a later row overwrites them with its own values and the bottom padding row only ever
+  // receives zeros.
+  //
+  // Rows narrower than a vector are copied as one full vector read from the plane (the rows
+  // after it; the last rows, with fewer than a vector left in the plane, element-wise), and the
+  // junk that lands past the row is cleared by a vector of zeros stored right after it (stride
+  // 1: over the right pad and the next row's left pad and data; stride 2: over the scratch row's
+  // tail and the next scratch row's start). Rows are converted top to bottom, so the next row's
+  // data is written afterwards, and the bottom padding only receives zeros.
   void load(const T* plane) {
     Acc* b = buf_.data();
-    for (int64_t h = 0; h < H_; ++h) {
-      const T* src = plane + h * W_;
-      const int64_t p = h + 1;
-      if constexpr (S == 1) {
-        convert_to_acc<T>(src, b + p * L_ + 1, W_);
-      } else {
+    const Vec zero(0);
+    const int64_t HW = H_ * W_;
+    if constexpr (S == 1) {
+      for (int64_t h = 0; h < H_; ++h) {
+        Acc* dst = b + (h + 1) * L_ + 1;
+        convert_to_acc_over<T>(plane + h * W_, dst, W_, HW - h * W_);
+        if (W_ < kV) zero.store(dst + W_);
+      }
+    } else {
+      // Row h is converted into scratch slot h % kRing and split kLag rows later.
+      Acc* sc = scratch_.data();
+      for (int64_t h = 0; h < H_ + kLag; ++h) {
+        if (h < H_) {
+          Acc* dst = sc + (h % kRing) * Ls_ + 1;
+          convert_to_acc_over<T>(plane + h * W_, dst, W_, HW - h * W_);
+          if (W_ < kV) zero.store(dst + W_);
+        }
+        const int64_t hs = h - kLag;
+        if (hs < 0) continue;
+        const int64_t p = hs + 1;
         Acc* e = b + (p & 1) * 2 * sub_ + (p >> 1) * L_;  // column-even sub-plane row
         Acc* o = e + sub_;                                // column-odd sub-plane row
-        Acc* sc = scratch_.data();
-        convert_to_acc<T>(src, sc + 1, W_);
+        const Acc* r = sc + (hs % kRing) * Ls_;
         for (int64_t m = 0; m < L_; m += kV) {
-          auto eo = at::vec::deinterleave2(Vec::loadu(sc + 2 * m), Vec::loadu(sc + 2 * m + kV));
+          auto eo = at::vec::deinterleave2(Vec::loadu(r + 2 * m), Vec::loadu(r + 2 * m + kV));
           eo.first.store(e + m);
           eo.second.store(o + m);
         }
@@ -627,15 +692,21 @@ class FlatPlane {
   void to_flat(const T* plane, Acc* dst) const {
     for (int64_t ho = 0; ho < Ho_; ++ho) convert_to_acc<T>(plane + ho * Wo_, dst + ho * L_, Wo_);
   }
-  // Copy the real outputs of a flat buffer out to an Ho x Wo plane.
+  // Copy the real outputs of a flat buffer out to an Ho x Wo plane. Rows narrower than a vector
+  // are stored as full vectors while a vector's room is left in the plane; the junk they put
+  // into the next row is overwritten by that row (rows go top to bottom, all within this plane).
   void from_flat(const Acc* src, T* plane) const {
-    for (int64_t ho = 0; ho < Ho_; ++ho) convert_from_acc<T>(src + ho * L_, plane + ho * Wo_, Wo_);
+    const int64_t HWo = Ho_ * Wo_;
+    for (int64_t ho = 0; ho < Ho_; ++ho)
+      convert_from_acc_over<T>(src + ho * L_, plane + ho * Wo_, Wo_, HWo - ho * Wo_);
   }
   // Length of flat scratch buffers (covers the last vector's overrun).
   int64_t flat_len() const { return round_up(count_, kV) + kV; }
 
  private:
-  int64_t H_, W_, Ho_, Wo_, L_, sub_, count_;
+  static constexpr int64_t kRing = 8, kLag = 4;  // stride-2 scratch rows; rows between
+                                                 // converting a row and splitting it
+  int64_t H_, W_, Ho_, Wo_, L_, Ls_, sub_, count_;
   std::vector<Acc> buf_, valid_, scratch_;
 };
 
