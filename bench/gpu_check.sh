@@ -23,8 +23,8 @@
 #               SANITIZE_TRITON=1 adds a memcheck pass over the triton backend.
 #   4. profile  bench/profile_layers.py: per-kernel GPU time of PROFILE_LAYERS (dw2,pw6) in
 #               PROFILE_MODES (fwd_bwd) for eager, cuda and triton -> OUTDIR/profile.md.
-#   5. bench    python -m dwsep bench --out OUTDIR (BENCH_ARGS, default "--quick"), with a time
-#               budget from what is left.
+#   5. bench    python -m dwsep bench --out OUTDIR (BENCH_ARGS, default "--quick --graph"), with
+#               a time budget from what is left.
 #
 # OUTDIR gets few files (the device machine returns at most 8): summary.md (steps, test results
 # with every failure's report, sanitizer summaries, kernel source hash, nvidia-smi),
@@ -290,7 +290,7 @@ if want bench; then
     bt=$(budget 400 15)
     # shellcheck disable=SC2086
     run_step bench "$bt" bench.log \
-        $PY -m dwsep bench --out "$OUT" --time-budget $((bt > 60 ? bt - 45 : bt / 2)) ${BENCH_ARGS:---quick}
+        $PY -m dwsep bench --out "$OUT" --time-budget $((bt > 60 ? bt - 45 : bt / 2)) ${BENCH_ARGS:---quick --graph}
 fi
 
 # ------------------------------------------------------------------ summary

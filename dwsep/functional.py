@@ -9,7 +9,14 @@ from torch import Tensor
 
 from . import _validation as V
 from . import backends, reference
-from .ops import DepthwiseConvBNActFn, PointwiseConvBNActFn, conv_out_hw, dw_forward, pw_forward
+from .ops import (
+    DepthwiseConvBNActFn,
+    PointwiseConvBNActFn,
+    _as,
+    conv_out_hw,
+    dw_forward,
+    pw_forward,
+)
 
 __all__ = ["depthwise_conv_bn_act", "pointwise_conv_bn_act"]
 
@@ -27,12 +34,14 @@ def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum, count):
     """running = (1 - momentum) * running + momentum * batch (unbiased variance), as
-    F.batch_norm; both buffers in one multi-tensor launch per step."""
+    F.batch_norm. Both buffers go through multi-tensor ops: one scale of the batch variance,
+    then one multi-tensor mul and one add for the pair (three small launches on a GPU, plus a
+    dtype conversion only where the buffers are not in the statistics' dtype)."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1)) if count > 1 else var
         bufs = [running_mean, running_var]
         torch._foreach_mul_(bufs, 1.0 - momentum)
-        new = [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)]
+        new = [_as(mean, running_mean.dtype), _as(unbiased, running_var.dtype)]
         torch._foreach_add_(bufs, new, alpha=momentum)
 
 

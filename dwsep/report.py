@@ -37,7 +37,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -51,6 +51,8 @@ from .timing import Timing, bench_fn, rotation_sets
 
 MODES = RL.MODES
 BASELINES = ("eager", "compile")
+# Model implementations with this suffix replay the inference forward from a CUDA graph.
+GRAPH_SUFFIX = "+graph"
 # The bare GEMM of a pointwise layer (torch.matmul, i.e. cuBLAS / oneDNN), timed for pointwise
 # inference only: the reference for issue 4's "GEMM >= 0.9x torch.matmul" target.
 GEMM_REF = "matmul"
@@ -453,6 +455,8 @@ def model_step(
     name runs dwsep's model on that backend. Training steps get their own copy of the model."""
     if mode not in MODEL_MODES:
         raise ValueError(f"mode must be one of {MODEL_MODES}, got {mode!r}")
+    if impl.endswith(GRAPH_SUFFIX):
+        return _graphed_model_step(mi, impl.removesuffix(GRAPH_SUFFIX), mode)
     import dwsep
 
     base = mi.ref if impl in BASELINES else mi.dws
@@ -484,6 +488,37 @@ def model_step(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             return loss.detach()
+
+    return fn
+
+
+def _graphed_model_step(mi: ModelInputs, impl: str, mode: str) -> Callable[[int], Any]:
+    """``fn(i)``: the inference forward of ``impl`` (``eager`` or a backend) replayed from one
+    CUDA graph: image set ``i`` is copied into the captured input buffer, then the graph runs.
+    The copy is timed with it (as a serving loop would pay it); Triton autotuning and
+    compilation happen in the warm-up runs before the capture."""
+    if mode != "inference":
+        raise ValueError(f"CUDA-graph model steps are inference only, got mode {mode!r}")
+    if impl == "compile":
+        raise ValueError("CUDA-graph model steps take 'eager' or a backend, not 'compile'")
+    if mi.images[0].device.type != "cuda":
+        raise ValueError(f"CUDA graphs need CUDA tensors, got {mi.images[0].device}")
+    static_in = mi.images[0].clone()  # the captured forward reads this buffer
+    run = model_step(replace(mi, images=[static_in]), impl, mode)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # autotuning, compilation, allocator warm-up: outside the capture
+            run(0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(0)
+
+    def fn(i):
+        static_in.copy_(mi.images[i], non_blocking=True)
+        graph.replay()
+        return static_out
 
     return fn
 
@@ -627,6 +662,7 @@ class Config:
     out: Path
     time_budget: Optional[float]
     seed: int = 0
+    graph: bool = False  # also time the inference models replayed from a CUDA graph
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -646,6 +682,7 @@ class Config:
             "quick": self.quick,
             "time_budget_s": self.time_budget,
             "seed": self.seed,
+            "graph": self.graph,
         }
 
 
@@ -701,6 +738,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds: stop starting new cases after this (the report is still written)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="also time MobileNetV1 inference (eager and each backend) replayed from a CUDA "
+        "graph: the end-to-end rate with the host's per-op launch cost taken out (CUDA only)",
+    )
 
 
 def _split(s: Optional[str]) -> list[str]:
@@ -763,6 +806,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         out=out,
         time_budget=args.time_budget,
         seed=args.seed,
+        graph=bool(getattr(args, "graph", False)),
     )
 
 
@@ -911,7 +955,10 @@ def _model_impls(cfg: Config, mode: str) -> list[str]:
     """The compiled reference model runs where the layer compile baseline runs in the matching
     mode (inference; fwd_bwd for the training step)."""
     cm = "inference" if mode == "inference" else "fwd_bwd"
-    return ["eager", *(["compile"] if cm in cfg.compile_modes else []), *cfg.backends]
+    impls = ["eager", *(["compile"] if cm in cfg.compile_modes else []), *cfg.backends]
+    if mode == "inference" and cfg.graph:
+        impls += [f"{i}{GRAPH_SUFFIX}" for i in ("eager", *cfg.backends)]
+    return impls
 
 
 def run_model(
@@ -961,7 +1008,10 @@ def run_model(
         for impl in impls_by_mode[mode]:
             res: dict[str, Any] = {}
             sec["results"][impl] = res
-            why = None if impl in BASELINES else why_skip_backend(impl, cfg.device)
+            base_impl = impl.removesuffix(GRAPH_SUFFIX)
+            why = None if base_impl in BASELINES else why_skip_backend(base_impl, cfg.device)
+            if why is None and impl != base_impl and cfg.device.type != "cuda":
+                why = "CUDA graphs need a CUDA device"
             if why:
                 res["skipped"] = why
             elif time.monotonic() > deadline:
@@ -1226,9 +1276,12 @@ def model_table(report: dict[str, Any]) -> str:
             continue
         rows = []
         for impl, res in sec["results"].items():
-            label = impl if impl in BASELINES else f"dwsep[{impl}]"
-            if impl in BASELINES:
-                label = f"reference model, {impl}"
+            base_impl = impl.removesuffix(GRAPH_SUFFIX)
+            label = f"dwsep[{base_impl}]"
+            if base_impl in BASELINES:
+                label = f"reference model, {base_impl}"
+            if impl != base_impl:
+                label += ", CUDA graph"
             if "error" in res or "skipped" in res:
                 rows.append([label, "error" if "error" in res else "skip", "", "", "", "", ""])
                 continue

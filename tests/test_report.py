@@ -250,6 +250,37 @@ def test_checkpoints_keep_the_model_cases_done(monkeypatch):
     assert last["model"]["inference"]["results"]["eager"]["images_per_s"] > 0
 
 
+def test_graph_option_adds_graphed_inference_cases():
+    """--graph adds '<impl>+graph' MobileNetV1 inference cases (eager and each backend, never
+    the compiled model or a training step); off a CUDA device they are skipped with the reason,
+    and the graphed step refuses what it cannot capture."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    R.add_arguments(p)
+    base = ["--quick", "--device", "cpu", "--alpha", "0.25", "--resolution", "32", "--batch", "1",
+            "--backend", "torch", "--compile", "none", "--layers", "none"]  # fmt: skip
+    assert R.config_from_args(p.parse_args(base)).graph is False
+    cfg = R.config_from_args(p.parse_args([*base, "--graph"]))
+    assert cfg.graph and cfg.to_dict()["graph"] is True
+    assert R._model_impls(cfg, "inference") == ["eager", "torch", "eager+graph", "torch+graph"]
+    assert R._model_impls(cfg, "train_step") == ["eager", "torch"]
+    rep = R.run(cfg)
+    res = rep["model"]["inference"]["results"]
+    for impl in ("eager+graph", "torch+graph"):
+        assert res[impl] == {"skipped": "CUDA graphs need a CUDA device"}
+    assert res["torch"]["images_per_s"] > 0
+    md = R.to_markdown(rep)
+    assert "reference model, eager, CUDA graph" in md and "dwsep[torch], CUDA graph" in md
+    mi = R.make_model_inputs(0.25, 32, 1, torch.float32, "contiguous", torch.device("cpu"), 0)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        R.model_step(mi, "torch+graph", "inference")
+    with pytest.raises(ValueError, match="inference only"):
+        R.model_step(mi, "torch+graph", "train_step")
+    with pytest.raises(ValueError, match="not 'compile'"):
+        R.model_step(mi, "compile+graph", "inference")
+
+
 def test_select_layers_none_and_names():
     def cfg(layers):
         return types.SimpleNamespace(alpha=1.0, resolution=224, batch=2, layers=layers)
