@@ -53,6 +53,8 @@ MODES = RL.MODES
 BASELINES = ("eager", "compile")
 # Model implementations with this suffix replay the inference forward from a CUDA graph.
 GRAPH_SUFFIX = "+graph"
+# ... and with this one run MobileNetV1.freeze()'s copy (BN folded once) for inference.
+FROZEN_SUFFIX = "+frozen"
 # The bare GEMM of a pointwise layer (torch.matmul, i.e. cuBLAS / oneDNN), timed for pointwise
 # inference only: the reference for issue 4's "GEMM >= 0.9x torch.matmul" target.
 GEMM_REF = "matmul"
@@ -452,16 +454,25 @@ def model_step(
 ) -> Callable[[int], Any]:
     """``fn(i)``: one inference forward, or one training step (forward, cross-entropy,
     backward, SGD step) of ``impl``: ``eager``/``compile`` run the reference model, a backend
-    name runs dwsep's model on that backend. Training steps get their own copy of the model."""
+    name runs dwsep's model on that backend (``<backend>+frozen``: its ``freeze()`` copy,
+    ``<impl>+graph``: replayed from a CUDA graph). Training steps get their own copy of the
+    model."""
     if mode not in MODEL_MODES:
         raise ValueError(f"mode must be one of {MODEL_MODES}, got {mode!r}")
     if impl.endswith(GRAPH_SUFFIX):
         return _graphed_model_step(mi, impl.removesuffix(GRAPH_SUFFIX), mode)
     import dwsep
 
+    frozen = impl.endswith(FROZEN_SUFFIX)
+    if frozen:
+        if mode != "inference":
+            raise ValueError(f"frozen model steps are inference only, got mode {mode!r}")
+        impl = impl.removesuffix(FROZEN_SUFFIX)
     base = mi.ref if impl in BASELINES else mi.dws
     model = base if mode == "inference" else copy.deepcopy(base)
     model.train(mode == "train_step")
+    if frozen:
+        model = model.freeze()
     run = model
     if impl == "compile":
         _reset_dynamo()
@@ -956,6 +967,8 @@ def _model_impls(cfg: Config, mode: str) -> list[str]:
     mode (inference; fwd_bwd for the training step)."""
     cm = "inference" if mode == "inference" else "fwd_bwd"
     impls = ["eager", *(["compile"] if cm in cfg.compile_modes else []), *cfg.backends]
+    if mode == "inference":
+        impls += [f"{b}{FROZEN_SUFFIX}" for b in cfg.backends]
     if mode == "inference" and cfg.graph:
         impls += [f"{i}{GRAPH_SUFFIX}" for i in ("eager", *cfg.backends)]
     return impls
@@ -1008,9 +1021,9 @@ def run_model(
         for impl in impls_by_mode[mode]:
             res: dict[str, Any] = {}
             sec["results"][impl] = res
-            base_impl = impl.removesuffix(GRAPH_SUFFIX)
+            base_impl = impl.removesuffix(GRAPH_SUFFIX).removesuffix(FROZEN_SUFFIX)
             why = None if base_impl in BASELINES else why_skip_backend(base_impl, cfg.device)
-            if why is None and impl != base_impl and cfg.device.type != "cuda":
+            if why is None and impl.endswith(GRAPH_SUFFIX) and cfg.device.type != "cuda":
                 why = "CUDA graphs need a CUDA device"
             if why:
                 res["skipped"] = why
@@ -1276,11 +1289,13 @@ def model_table(report: dict[str, Any]) -> str:
             continue
         rows = []
         for impl, res in sec["results"].items():
-            base_impl = impl.removesuffix(GRAPH_SUFFIX)
+            base_impl = impl.removesuffix(GRAPH_SUFFIX).removesuffix(FROZEN_SUFFIX)
             label = f"dwsep[{base_impl}]"
             if base_impl in BASELINES:
                 label = f"reference model, {base_impl}"
-            if impl != base_impl:
+            if impl.endswith(FROZEN_SUFFIX):
+                label += ", freeze()"
+            if impl.endswith(GRAPH_SUFFIX):
                 label += ", CUDA graph"
             if "error" in res or "skipped" in res:
                 rows.append([label, "error" if "error" in res else "skip", "", "", "", "", ""])

@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dwsep
 from dwsep.models import (
     FoldedMobileNetV1,
+    FrozenMobileNetV1,
     MobileNetV1,
     ReferenceMobileNetV1,
     mobilenet_v1,
@@ -820,6 +821,78 @@ def test_fuse_export(backend):
     with dwsep.use_backend(backend), torch.no_grad():
         expect = feat.eval()(x)
     assert len(outs) == 2 and all(rel_err(a, b) < FP64_TOL for a, b in zip(outs, expect))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", backends(heavy=True))
+def test_freeze(backend, layout):
+    """freeze(): the BN folded once into the kernels' (scale, shift); the same outputs as the
+    model in eval on the same backend (the same kernels on the same folded values),
+    a snapshot of the model, x-gradients through the PyTorch path, features_only, bad input."""
+    alpha, res = small_config(backend)
+    model, ref = make_pair(alpha, dtype=torch.float32)
+    model.train()  # freeze() must not care about, or change, the mode
+    frozen = model.freeze()
+    assert isinstance(frozen, FrozenMobileNetV1) and model.training and not frozen.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    assert not list(frozen.parameters()) or all(
+        n.startswith("classifier") for n, _ in frozen.named_parameters()
+    )
+    model.eval()
+    ref.eval()
+    x = torch.randn(2, 3, res, res + 3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    # x-gradients (adversarial inputs, saliency): the PyTorch ops path, differentiable in x
+    xg = x.double().requires_grad_(True)
+    with dwsep.use_backend(backend):
+        copy.deepcopy(model).double().freeze()(xg).square().sum().backward()
+    xr = x.double().requires_grad_(True)
+    copy.deepcopy(ref).double()(xr).square().sum().backward()
+    assert rel_err(xg.grad, xr.grad) < FP64_TOL
+    with dwsep.use_backend(backend), torch.no_grad():
+        y = frozen(x)
+        expect = model(x)
+        assert rel_err(y, expect) < 1e-6  # the same kernels on the same folded values
+        assert rel_err(y, ref(x)) < FP32_TOL
+        assert frozen.forward_features(x).is_contiguous(memory_format=torch.channels_last) == (
+            layout == "channels_last"
+        )
+        # a snapshot: changing the model's BN afterwards does not reach the frozen copy
+        model.blocks[0][0].bn1.running_mean.add_(1.0)
+        assert torch.equal(frozen(x), y)
+        assert not torch.equal(model(x), y)
+    with pytest.raises(ValueError, match="in_chans=3"):
+        frozen(torch.randn(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        frozen(torch.randn(1, 3, 16, 32))
+
+    feat = MobileNetV1(alpha=alpha, features_only=True, out_indices=(1, 3))
+    feat.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}
+    )
+    feat.eval()
+    with dwsep.use_backend(backend), torch.no_grad():
+        outs, expect = feat.freeze()(x), feat(x)
+    assert len(outs) == 2 and all(rel_err(a, b) < 1e-6 for a, b in zip(outs, expect))
+
+
+def test_freeze_compile_and_autocast():
+    """The frozen model through torch.compile(fullgraph=True) and under CPU bf16 autocast."""
+    model, ref = make_pair(0.25, dtype=torch.float32)
+    model.eval()
+    ref.eval()
+    frozen = model.freeze()
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(frozen, fullgraph=True, backend="aot_eager")(x)
+        assert rel_err(y, ref(x)) < FP32_TOL
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yb, eb = frozen(x), model(x)
+    torch._dynamo.reset()
+    assert yb.dtype == eb.dtype == torch.bfloat16
+    assert rel_err(yb, eb) < 1e-6 and rel_err(yb, ref(x)) < AMP_TOL[torch.bfloat16]
 
 
 # --------------------------------------------------------------------------------------------

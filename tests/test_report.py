@@ -251,9 +251,10 @@ def test_checkpoints_keep_the_model_cases_done(monkeypatch):
 
 
 def test_graph_option_adds_graphed_inference_cases():
-    """--graph adds '<impl>+graph' MobileNetV1 inference cases (eager and each backend, never
-    the compiled model or a training step); off a CUDA device they are skipped with the reason,
-    and the graphed step refuses what it cannot capture."""
+    """Inference always has '<backend>+frozen' cases (MobileNetV1.freeze()); --graph adds
+    '<impl>+graph' ones (eager and each backend, never the compiled model or a training step);
+    off a CUDA device those are skipped with the reason, and the graphed step refuses what it
+    cannot capture."""
     import argparse
 
     p = argparse.ArgumentParser()
@@ -263,15 +264,19 @@ def test_graph_option_adds_graphed_inference_cases():
     assert R.config_from_args(p.parse_args(base)).graph is False
     cfg = R.config_from_args(p.parse_args([*base, "--graph"]))
     assert cfg.graph and cfg.to_dict()["graph"] is True
-    assert R._model_impls(cfg, "inference") == ["eager", "torch", "eager+graph", "torch+graph"]
+    assert R._model_impls(cfg, "inference") == [
+        "eager", "torch", "torch+frozen", "eager+graph", "torch+graph"
+    ]  # fmt: skip
     assert R._model_impls(cfg, "train_step") == ["eager", "torch"]
     rep = R.run(cfg)
     res = rep["model"]["inference"]["results"]
     for impl in ("eager+graph", "torch+graph"):
         assert res[impl] == {"skipped": "CUDA graphs need a CUDA device"}
-    assert res["torch"]["images_per_s"] > 0
+    assert res["torch"]["images_per_s"] > 0 and res["torch+frozen"]["images_per_s"] > 0
+    assert res["torch+frozen"]["check_ok"] is True  # checked against eager like the others
     md = R.to_markdown(rep)
     assert "reference model, eager, CUDA graph" in md and "dwsep[torch], CUDA graph" in md
+    assert "dwsep[torch], freeze()" in md
     mi = R.make_model_inputs(0.25, 32, 1, torch.float32, "contiguous", torch.device("cpu"), 0)
     with pytest.raises(ValueError, match="CUDA tensors"):
         R.model_step(mi, "torch+graph", "inference")
@@ -279,6 +284,8 @@ def test_graph_option_adds_graphed_inference_cases():
         R.model_step(mi, "torch+graph", "train_step")
     with pytest.raises(ValueError, match="not 'compile'"):
         R.model_step(mi, "compile+graph", "inference")
+    with pytest.raises(ValueError, match="inference only"):
+        R.model_step(mi, "torch+frozen", "train_step")
 
 
 def test_select_layers_none_and_names():

@@ -2,6 +2,7 @@
 
 from .mobilenet_v1 import (
     FoldedMobileNetV1,
+    FrozenMobileNetV1,
     MobileNetV1,
     ReferenceMobileNetV1,
     mobilenet_v1,
@@ -11,6 +12,7 @@ from .mobilenet_v1 import (
 
 __all__ = [
     "FoldedMobileNetV1",
+    "FrozenMobileNetV1",
     "MobileNetV1",
     "ReferenceMobileNetV1",
     "mobilenet_v1",

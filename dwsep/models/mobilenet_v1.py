@@ -34,6 +34,7 @@ from ..nn import DepthwiseConvBNAct, PointwiseConvBNAct
 from ..shapes import BLOCKS, STAGE_SIZES, STEM_CHANNELS, channels, conv_out, mobilenet_v1_layers
 
 __all__ = [
+    "FrozenMobileNetV1",
     "MIN_RESOLUTION",
     "MobileNetV1",
     "ReferenceMobileNetV1",
@@ -346,6 +347,15 @@ class _MobileNetV1Base(nn.Module):
     # -- export ----------------------------------------------------------------------------
 
     @torch.no_grad()
+    def freeze(self) -> FrozenMobileNetV1:
+        """An inference-only copy on dwsep's fused kernels with every BatchNorm folded, once,
+        into the per-channel (scale, shift) the kernels take: each layer is then one kernel
+        launch with no per-call folding (the eval model folds on every call: a few small
+        launches per layer, which is what bounds it on a GPU host). A snapshot: later changes
+        to ``self`` do not reach it. Same outputs as ``self.eval()`` on the same backend."""
+        return FrozenMobileNetV1(self)
+
+    @torch.no_grad()
     def fuse(self) -> FoldedMobileNetV1:
         """An inference-only copy in plain PyTorch with every BatchNorm folded into its conv
         (conv with bias + ReLU6): no dwsep ops inside, so it goes through ``torch.export`` and
@@ -391,15 +401,9 @@ class MobileNetV1(_MobileNetV1Base):
         backend = backends.resolve(x.device, "bn_act", x.dtype)
         if backend == "torch":
             return F.relu6(bn(x), inplace=True)
-        acc = ops.acc_dtype(x.dtype)
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
+        scale, shift = _bn_fold(bn, ops.acc_dtype(x.dtype))
         x = x.contiguous(memory_format=memory_format(x))
-        return ops.op_table(backend).bn_act(x, scale.contiguous(), shift.contiguous(), 2)
+        return ops.op_table(backend).bn_act(x, scale, shift, 2)
 
 
 class ReferenceMobileNetV1(_MobileNetV1Base):
@@ -493,6 +497,107 @@ class FoldedMobileNetV1(nn.Module):
             return feats
         x = self.blocks(x)
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _bn_fold(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """BN in inference as the per-channel (scale, shift) of the fused kernels, computed as the
+    fused ops compute it in eval (so that frozen and eval outputs agree bit for bit)."""
+    mean, invstd = ops._stats(False, None, None, bn.running_mean, bn.running_var, bn.eps, acc)
+    scale, shift = ops._bn_affine(mean, invstd, bn.weight, bn.bias, acc)
+    return scale.contiguous(), shift.contiguous()
+
+
+class _FrozenConvAct(nn.Module):
+    """One conv + folded BN + ReLU6 of :class:`FrozenMobileNetV1`: ``kind`` is ``"dw"`` (the
+    fused depthwise kernel), ``"pw"`` (the fused pointwise GEMM) or ``"stem"`` (the conv, then
+    the fused scale/shift/ReLU6 kernel). Under autograd (x requiring grad) or on the ``torch``
+    backend it runs the same math in PyTorch ops, differentiable with respect to x."""
+
+    def __init__(self, kind: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.kind = kind
+        self.stride = int(conv.stride[0])
+        w = conv.weight.detach()
+        scale, shift = _bn_fold(bn, ops.acc_dtype(w.dtype))
+        self.register_buffer("weight", (w.flatten(1) if kind == "pw" else w).clone())
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w = x.to(dt), w.to(dt)
+        acc = ops.acc_dtype(x.dtype)
+        scale, shift = ops._as(self.scale, acc), ops._as(self.shift, acc)
+        if self.kind == "stem":
+            x = F.conv2d(x, w, None, self.stride, 1)
+        backend = backends.resolve(x.device, "MobileNetV1 (frozen)", x.dtype)
+        if backend != "torch" and not (torch.is_grad_enabled() and x.requires_grad):
+            table = ops.op_table(backend)
+            x = x.contiguous(memory_format=memory_format(x))
+            if self.kind == "dw":
+                return table.dw_fwd(x, w, scale, shift, self.stride, 2)
+            if self.kind == "pw":
+                return table.pw_fwd(x, w, scale, shift, 2)
+            return table.bn_act(x, scale, shift, 2)
+        if self.kind == "dw":
+            x = F.conv2d(x, w, None, self.stride, 1, 1, x.shape[1])
+        elif self.kind == "pw":
+            x = F.conv2d(x, w[:, :, None, None])
+        z = x.to(acc) * scale[:, None, None] + shift[:, None, None]
+        return F.relu6(z).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, stride={self.stride}, weight={tuple(self.weight.shape)}"
+
+
+class FrozenMobileNetV1(nn.Module):
+    """Inference-only MobileNetV1 on dwsep's fused kernels with the BatchNorms folded once
+    (from :meth:`MobileNetV1.freeze`): one kernel launch per depthwise and pointwise layer.
+
+    The same ``forward``, ``forward_features``, ``forward_stages`` and ``forward_head`` as the
+    model, and the same outputs as the model in eval on the same backend. Weights and folded
+    BN are buffers (nothing to train); ``train()`` only switches the classifier's dropout.
+    Works with ``torch.compile(fullgraph=True)``, CUDA-graph capture and autocast like the model.
+    """
+
+    def __init__(self, model: _MobileNetV1Base) -> None:
+        super().__init__()
+        if model.bn1.running_mean is None:
+            raise ValueError("freeze: BatchNorm layers without running statistics cannot be folded")
+        for name in ("alpha", "in_chans", "num_classes", "num_features", "drop_rate"):
+            setattr(self, name, getattr(model, name))
+        self.features_only = model.features_only
+        self.out_indices = model.out_indices
+        self.feature_info = copy.deepcopy(model.feature_info)
+        self.stem = _FrozenConvAct("stem", model.conv_stem, model.bn1)
+        self.blocks = nn.Sequential(
+            *(
+                nn.Sequential(
+                    *(
+                        nn.Sequential(
+                            _FrozenConvAct("dw", b.conv_dw, b.bn1),
+                            _FrozenConvAct("pw", b.conv_pw, b.bn2),
+                        )
+                        for b in stage
+                    )
+                )
+                for stage in model.blocks
+            )
+        )
+        self.classifier = None if model.classifier is None else copy.deepcopy(model.classifier)
+        self.eval()
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.stem(self._check_input(x))
+
+    # The rest is the model's own code (it reads only the attributes set above).
+    _check_input = _MobileNetV1Base._check_input
+    forward_features = _MobileNetV1Base.forward_features
+    forward_stages = _MobileNetV1Base.forward_stages
+    forward_head = _MobileNetV1Base.forward_head
+    forward = _MobileNetV1Base.forward
 
 
 # --------------------------------------------------------------------------------------------
