@@ -218,6 +218,8 @@ def model_cases(s: Settings) -> list[ModelCase]:
     cases = []
     for mode in R.MODEL_MODES:
         impls = ["eager", *(["compile"] if s.compile_modes else []), *s.backends]
+        if mode == "inference":  # MobileNetV1.freeze(): BN folded once, one launch per layer
+            impls += [f"{b}{R.FROZEN_SUFFIX}" for b in s.backends]
         cases += [ModelCase(mode, s.dtypes[-1], s.layouts[-1], impl) for impl in impls]
     return cases
 
@@ -414,7 +416,7 @@ def _now() -> float:
 def _skip_unavailable(impl: str, dev: torch.device) -> None:
     if impl in R.REFERENCES:
         return
-    why = R.why_skip_backend(impl, dev)
+    why = R.why_skip_backend(impl.removesuffix(R.FROZEN_SUFFIX), dev)
     if why:
         pytest.skip(why)
 
