@@ -954,3 +954,44 @@ def test_gpu_bf16_channels_last_and_cuda_graph(backend):
     g_ref = ref.conv_stem.weight.grad
     g_tol = max(1e-1, 1.5 * rel_err(eager.conv_stem.weight.grad, g_ref))
     assert rel_err(model.conv_stem.weight.grad, g_ref) < g_tol
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_gpu_freeze_and_graphed_bench_step(backend):
+    """freeze() on the GPU (bf16, channels_last): the eval model's outputs, CUDA-graph capture
+    of the frozen copy, and the report's '+frozen' / '+graph' model steps against eager."""
+    from dwsep import report as R
+
+    if backend not in dwsep.available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} cannot run on CUDA tensors here")
+    model, _ = make_pair(1.0, num_classes=1000, dtype=torch.float32)
+    model = model.cuda().to(dtype=torch.bfloat16, memory_format=torch.channels_last).eval()
+    frozen = model.freeze()
+    x = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with dwsep.use_backend(backend), torch.no_grad():
+        y = frozen(x)
+        assert rel_err(y, model(x)) < (1e-6 if backend != "torch" else 2e-2)
+        static_x = x.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                frozen(static_x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = frozen(static_x)
+        new_x = torch.randn_like(x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(static_y, frozen(new_x)) < 1e-6
+
+    mi = R.make_model_inputs(0.25, 64, 4, torch.bfloat16, "channels_last", torch.device("cuda"))
+    want = R._detach(R.model_step(mi, "eager", "inference")(0))
+    for impl in (f"{backend}+frozen", f"{backend}+graph", "eager+graph"):
+        got = R.model_step(mi, impl, "inference")(0)
+        assert R.rel_error(got, want) < 5 * R.CHECK_TOL[torch.bfloat16], impl
