@@ -35,7 +35,7 @@
 #
 # Knobs: GPU_CHECK_STEPS (default "build,tests,sanitize,profile,bench"), GPU_CHECK_TOTAL_S (570),
 # GPU_CHECK_XDIST (8; 0 = no xdist), GPU_CHECK_TEST_MARK ("gpu and not slow"), PYTEST_ARGS
-# (extra pytest args), BENCH_ARGS ("--quick"), PROFILE_LAYERS, PROFILE_MODES, SANITIZE_TRITON
+# (extra pytest args), BENCH_ARGS ("--quick --graph"), PROFILE_LAYERS, PROFILE_MODES, SANITIZE_TRITON
 # (0), GPU_CHECK_EXPORT_SO (0), GPU_CHECK_REUSE_SO (0), PYTHON (python3), CUDA_HOME,
 # TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 set -u
