@@ -867,6 +867,12 @@ def test_freeze(backend, layout):
     with pytest.raises(ValueError, match="at least 32x32"):
         frozen(torch.randn(1, 3, 16, 32))
 
+    # deepcopy and a state-dict round trip keep the folded buffers
+    again = FrozenMobileNetV1(MobileNetV1(alpha=alpha, num_classes=10))
+    again.load_state_dict(copy.deepcopy(frozen).state_dict())
+    with dwsep.use_backend(backend), torch.no_grad():
+        assert torch.equal(again(x), frozen(x))
+
     feat = MobileNetV1(alpha=alpha, features_only=True, out_indices=(1, 3))
     feat.load_state_dict(
         {k: v for k, v in model.state_dict().items() if not k.startswith("classifier")}

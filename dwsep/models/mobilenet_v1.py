@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .. import backends, ops
 from .._validation import memory_format
+from ..functional import _autocast
 from ..nn import DepthwiseConvBNAct, PointwiseConvBNAct
 from ..shapes import BLOCKS, STAGE_SIZES, STEM_CHANNELS, channels, conv_out, mobilenet_v1_layers
 
@@ -524,10 +525,7 @@ class _FrozenConvAct(nn.Module):
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if torch.is_autocast_enabled(x.device.type):
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w = x.to(dt), w.to(dt)
+        x, w = _autocast(x, self.weight)  # as the fused ops and F.conv2d do under autocast
         acc = ops.acc_dtype(x.dtype)
         scale, shift = ops._as(self.scale, acc), ops._as(self.shift, acc)
         if self.kind == "stem":
