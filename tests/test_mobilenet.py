@@ -908,6 +908,26 @@ def test_freeze_compile_and_autocast():
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _graph_replay(model, x):
+    """Capture model(x) in a CUDA graph (after warm-up on a side stream), then replay it on new
+    data copied into the captured input: (the replayed output, the new data)."""
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+    new_x = torch.randn_like(x)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_y, new_x
+
+
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
@@ -924,20 +944,7 @@ def test_gpu_bf16_channels_last_and_cuda_graph(backend):
         assert y.dtype == torch.bfloat16
         assert rel_err(y, ref(x.double())) < 5e-2
         # CUDA graph capture of the eval forward (fp32), replayed on new data.
-        static_x = x.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                model(static_x)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = model(static_x)
-        new_x = torch.randn_like(x)
-        static_x.copy_(new_x)
-        graph.replay()
-        torch.cuda.synchronize()
+        static_y, new_x = _graph_replay(model, x)
         assert rel_err(static_y, model(new_x)) < 1e-6
         assert rel_err(static_y, ref(new_x.double())) < 5e-3  # TF32 convs allowed
 
@@ -980,20 +987,7 @@ def test_gpu_freeze_and_graphed_bench_step(backend):
     with dwsep.use_backend(backend), torch.no_grad():
         y = frozen(x)
         assert rel_err(y, model(x)) < (1e-6 if backend != "torch" else 2e-2)
-        static_x = x.clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                frozen(static_x)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = frozen(static_x)
-        new_x = torch.randn_like(x)
-        static_x.copy_(new_x)
-        graph.replay()
-        torch.cuda.synchronize()
+        static_y, new_x = _graph_replay(frozen, x)
         assert rel_err(static_y, frozen(new_x)) < 1e-6
 
     mi = R.make_model_inputs(0.25, 64, 4, torch.bfloat16, "channels_last", torch.device("cuda"))
