@@ -416,7 +416,7 @@ def _now() -> float:
 def _skip_unavailable(impl: str, dev: torch.device) -> None:
     if impl in R.REFERENCES:
         return
-    why = R.why_skip_backend(impl.removesuffix(R.FROZEN_SUFFIX), dev)
+    why = R.why_skip_backend(R.model_impl_base(impl), dev)
     if why:
         pytest.skip(why)
 

@@ -55,6 +55,13 @@ BASELINES = ("eager", "compile")
 GRAPH_SUFFIX = "+graph"
 # ... and with this one run MobileNetV1.freeze()'s copy (BN folded once) for inference.
 FROZEN_SUFFIX = "+frozen"
+
+
+def model_impl_base(impl: str) -> str:
+    """The baseline or backend a model implementation runs (its name without the suffixes)."""
+    return impl.removesuffix(GRAPH_SUFFIX).removesuffix(FROZEN_SUFFIX)
+
+
 # The bare GEMM of a pointwise layer (torch.matmul, i.e. cuBLAS / oneDNN), timed for pointwise
 # inference only: the reference for issue 4's "GEMM >= 0.9x torch.matmul" target.
 GEMM_REF = "matmul"
@@ -817,7 +824,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         out=out,
         time_budget=args.time_budget,
         seed=args.seed,
-        graph=bool(getattr(args, "graph", False)),
+        graph=args.graph,
     )
 
 
@@ -969,8 +976,8 @@ def _model_impls(cfg: Config, mode: str) -> list[str]:
     impls = ["eager", *(["compile"] if cm in cfg.compile_modes else []), *cfg.backends]
     if mode == "inference":
         impls += [f"{b}{FROZEN_SUFFIX}" for b in cfg.backends]
-    if mode == "inference" and cfg.graph:
-        impls += [f"{i}{GRAPH_SUFFIX}" for i in ("eager", *cfg.backends)]
+        if cfg.graph:
+            impls += [f"{i}{GRAPH_SUFFIX}" for i in ("eager", *cfg.backends)]
     return impls
 
 
@@ -1021,7 +1028,7 @@ def run_model(
         for impl in impls_by_mode[mode]:
             res: dict[str, Any] = {}
             sec["results"][impl] = res
-            base_impl = impl.removesuffix(GRAPH_SUFFIX).removesuffix(FROZEN_SUFFIX)
+            base_impl = model_impl_base(impl)
             why = None if base_impl in BASELINES else why_skip_backend(base_impl, cfg.device)
             if why is None and impl.endswith(GRAPH_SUFFIX) and cfg.device.type != "cuda":
                 why = "CUDA graphs need a CUDA device"
@@ -1289,7 +1296,7 @@ def model_table(report: dict[str, Any]) -> str:
             continue
         rows = []
         for impl, res in sec["results"].items():
-            base_impl = impl.removesuffix(GRAPH_SUFFIX).removesuffix(FROZEN_SUFFIX)
+            base_impl = model_impl_base(impl)
             label = f"dwsep[{base_impl}]"
             if base_impl in BASELINES:
                 label = f"reference model, {base_impl}"

@@ -501,8 +501,8 @@ class FoldedMobileNetV1(nn.Module):
 
 
 def _bn_fold(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """BN in inference as the per-channel (scale, shift) of the fused kernels, computed as the
-    fused ops compute it in eval (so that frozen and eval outputs agree bit for bit)."""
+    """BN in inference as the per-channel (scale, shift) of the fused kernels, computed by the
+    fused ops' own eval-path functions (so that frozen and eval feed the kernels equal values)."""
     mean, invstd = ops._stats(False, None, None, bn.running_mean, bn.running_var, bn.eps, acc)
     scale, shift = ops._bn_affine(mean, invstd, bn.weight, bn.bias, acc)
     return scale.contiguous(), shift.contiguous()
@@ -521,8 +521,8 @@ class _FrozenConvAct(nn.Module):
         w = conv.weight.detach()
         scale, shift = _bn_fold(bn, ops.acc_dtype(w.dtype))
         self.register_buffer("weight", (w.flatten(1) if kind == "pw" else w).clone())
-        self.register_buffer("scale", scale.detach().clone())
-        self.register_buffer("shift", shift.detach().clone())
+        self.register_buffer("scale", scale.detach())  # fresh tensors from _bn_fold
+        self.register_buffer("shift", shift.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         x, w = _autocast(x, self.weight)  # as the fused ops and F.conv2d do under autocast
