@@ -55,8 +55,12 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.contiguous(memory_format=fmt)
 
 
-def make_inputs(op, x_shape, dtype, device, *, cout=None, seed=0, affine=True, bn_dtype=None):
-    """x ~ N(0,1), weights scaled to keep activations O(1), BN stats away from degenerate."""
+def make_inputs(
+    op, x_shape, dtype, device, *, cout=None, seed=0, affine=True, bn_dtype=None, wide=False
+):
+    """x ~ N(0,1), weights scaled to keep activations O(1), BN stats away from degenerate.
+    ``wide``: BN gamma x4 and beta +2, so that the outputs cover both kinks of ReLU6 (about a
+    sixth of the pre-activations above 6, a third below 0) instead of staying below 6."""
     g = torch.Generator().manual_seed(seed)
     n, c, h, w = x_shape
     x = torch.randn(x_shape, generator=g, dtype=torch.float64)
@@ -73,6 +77,9 @@ def make_inputs(op, x_shape, dtype, device, *, cout=None, seed=0, affine=True, b
         "bn_weight": (torch.rand(cb, generator=g, dtype=torch.float64) + 0.5) if affine else None,
         "bn_bias": (torch.randn(cb, generator=g, dtype=torch.float64) * 0.5) if affine else None,
     }
+    if wide and affine:
+        bn["bn_weight"] = bn["bn_weight"] * 4.0
+        bn["bn_bias"] = bn["bn_bias"] + 2.0
     x = x.to(dtype=dtype, device=device)
     weight = weight.to(dtype=dtype, device=device)
     bn = {k: (None if v is None else v.to(dtype=bn_dtype, device=device)) for k, v in bn.items()}
@@ -95,9 +102,13 @@ def run_and_compare(
     affine: bool = True,
     seed: int = 0,
     x_transform=None,
+    wide: bool = False,
 ):
-    """Forward (+ running stats) and, with ``grads``, every gradient vs the float64 oracle."""
-    x, weight, bn = make_inputs(op, x_shape, dtype, device, cout=cout, seed=seed, affine=affine)
+    """Forward (+ running stats) and, with ``grads``, every gradient vs the float64 oracle.
+    ``wide``: outputs spread over both kinks of ReLU6 (see ``make_inputs``)."""
+    x, weight, bn = make_inputs(
+        op, x_shape, dtype, device, cout=cout, seed=seed, affine=affine, wide=wide
+    )
     x = to_layout(x, layout)
     if x_transform is not None:
         x = x_transform(x)

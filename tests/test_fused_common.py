@@ -7,10 +7,18 @@ import itertools
 
 import pytest
 import torch
-from op_harness import LAYOUTS, backend_params, make_inputs, to_layout
+from op_harness import (
+    LAYOUTS,
+    backend_dtype_params,
+    backend_params,
+    make_inputs,
+    run_and_compare,
+    to_layout,
+)
 
 import dwsep
 from dwsep._debug import poison_outputs
+from dwsep.testing import reference_f64
 
 OPS = {
     # op: (x shape, extra make_inputs kwargs, a stride-2 variant of the op kwargs)
@@ -100,6 +108,36 @@ def test_nan_propagates(op, backend, device, layout, activation):
         f"{int(nan.sum())} in the reference)"
     )
     torch.testing.assert_close(y[~nan].double(), ref[~nan], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device", "dtype"), backend_dtype_params())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_relu6_both_kinks(op, backend, device, dtype, layout, training):
+    """Outputs spread over both kinks of ReLU6 (the other tests' O(1) outputs seldom reach 6):
+    the clamp at 6 in the forward, and its zero gradient, on every path (eval without autograd
+    runs the inference kernels; with it, the training-capable ones), both strides."""
+    shape, extra, kw = OPS[op]
+    for variant, grads in itertools.product(({}, kw) if kw else ({},), (False, True)):
+        # not vacuous: a fair share of the pre-activations beyond each kink
+        x, weight, bn = make_inputs(op, shape, torch.float64, "cpu", wide=True, **extra)
+        pre, _ = reference_f64(op, x, weight, bn, training=training, activation=None, **variant)
+        above, below = (pre > 6).double().mean().item(), (pre < 0).double().mean().item()
+        assert above > 0.08 and below > 0.2, (above, below)
+        run_and_compare(
+            op,
+            backend,
+            device,
+            dtype,
+            shape,
+            layout=layout,
+            training=training,
+            grads=grads,
+            wide=True,
+            **extra,
+            **variant,
+        )
 
 
 @pytest.mark.parametrize("op", list(OPS))

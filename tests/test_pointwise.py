@@ -70,7 +70,8 @@ def test_cpu_forward_paths(mkldnn, layout, hw):
     weights in inference; z, then the per-block statistics of z, in training) for channels_last
     and NCHW planes under 28x28, and block-wise sgemm + fused epilogue (NCHW planes from 28x28,
     and whenever oneDNN is disabled). Both against the oracle, every activation, inference and
-    training (batch statistics, running statistics, every gradient)."""
+    training (batch statistics, running statistics, every gradient), outputs on both sides of
+    ReLU6's kinks."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
@@ -91,6 +92,7 @@ def test_cpu_forward_paths(mkldnn, layout, hw):
                     activation=act,
                     grads=training,
                     seed=i,
+                    wide=True,
                 )
     finally:
         torch.backends.mkldnn.enabled = saved
