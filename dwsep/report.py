@@ -597,6 +597,30 @@ def source_revision(root: Optional[Path] = None) -> dict[str, Any]:
     return rev
 
 
+def malloc_setup() -> str:
+    """The host allocator settings CPU timings depend on: a malloc replacement in LD_PRELOAD,
+    glibc malloc tunables (GLIBC_TUNABLES, MALLOC_*_), or "glibc malloc defaults". With the
+    defaults, glibc gives large freed blocks back to the OS and each call then page-faults its
+    outputs in again, at a cost that varies from process to process (bench/NOTES.md)."""
+    parts = []
+    preload = [
+        os.path.basename(p)
+        for p in re.split(r"[:\s]+", os.environ.get("LD_PRELOAD", ""))
+        if re.search(r"malloc|jemalloc|tcmalloc|mimalloc", os.path.basename(p))
+    ]
+    if preload:
+        parts.append("LD_PRELOAD " + " ".join(preload))
+    tunables = [
+        t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")
+    ]
+    if tunables:
+        parts.append("GLIBC_TUNABLES " + ":".join(tunables))
+    parts += sorted(
+        f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") and k.endswith("_")
+    )
+    return ", ".join(parts) or "glibc malloc defaults"
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     import dwsep
 
@@ -650,6 +674,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["device_name"] = (
             f"CPU ({name or platform.machine()}, {torch.get_num_threads()} threads)"
         )
+        env["malloc"] = malloc_setup()
     return env
 
 
@@ -1367,7 +1392,8 @@ def header_text(report: dict[str, Any]) -> str:
         f"`{cfg.get('model_compile_mode')}`)" + (", quick" if cfg["quick"] else ""),
         f"- **software**: dwsep {env.get('dwsep')}, torch {env.get('torch')}, CUDA "
         f"{env.get('torch_cuda')}, cuDNN {env.get('cudnn', '-')}, triton {env.get('triton')}, "
-        f"python {env.get('python')}",
+        f"python {env.get('python')}"
+        + (f"; allocator: {env['malloc']}" if "malloc" in env else ""),
         f"- **source**: kernels sha256 `{(src.get('kernels_sha256') or '-')[:16]}` "
         f"(csrc/ + kernels_triton/), last kernel commit `{(src.get('git_kernels_commit') or '-')[:12]}`"
         f"{dirty}, HEAD `{(src.get('git_head') or '-')[:12]}`",

@@ -179,6 +179,23 @@ def test_source_revision_hashes_kernel_sources():
     assert len(rev["kernels_sha256"]) == 64
 
 
+def test_malloc_setup_named_in_cpu_reports(monkeypatch):
+    """CPU timings depend on the allocator (page faults on freed outputs): the report says which
+    settings it ran under."""
+    for k in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD", "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k, raising=False)
+    assert R.malloc_setup() == "glibc malloc defaults"
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libfoo.so /usr/lib/x86_64/libjemalloc.so.2")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.x=1:glibc.malloc.trim_threshold=99")
+    monkeypatch.setenv("MALLOC_ARENA_MAX_", "2")
+    assert R.malloc_setup() == (
+        "LD_PRELOAD libjemalloc.so.2, GLIBC_TUNABLES glibc.malloc.trim_threshold=99, "
+        "MALLOC_ARENA_MAX_=2"
+    )
+    env = R.environment(torch.device("cpu"))
+    assert env["malloc"] == R.malloc_setup()
+
+
 def test_bench_quick_smoke(tmp_path):
     """`python -m dwsep bench --quick` on a tiny config writes valid JSON, Markdown and PNG."""
     out = tmp_path / "rep"
@@ -213,6 +230,7 @@ def test_bench_quick_smoke(tmp_path):
         assert "MobileNetV1 not available" in model["error"] or "failed" in model["error"]
     md = (out / "report.md").read_text()
     assert "# dwsep benchmark report" in md and "dw00_c8_16x16_s1" in md
+    assert "allocator: " in md and rep["environment"]["malloc"]
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "wrote" in proc.stdout
