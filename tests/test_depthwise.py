@@ -101,6 +101,34 @@ def test_non_contiguous_inputs(backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
+    # The shapes above stay on one code path of the C++ kernels: NCHW planes at most 64 wide
+    # (the flat-plane path) and channels_last rows within one column tile. Here planes wider
+    # than 64 (the row path, stride 2 through its even/odd split) and channels_last rows split
+    # into several column tiles (with many channels a tile is a few pixels: input columns are
+    # converted tile by tile), forward, statistics and every gradient.
+    if "cpu" not in dwsep.available_backends():
+        pytest.skip("the C++ CPU kernels are not built")
+    for i, shape in enumerate([(1, 3, 5, 131), (2, 130, 5, 23), (1, 520, 3, 11)]):
+        for training in (False, True):
+            run_and_compare(
+                "depthwise",
+                "cpu",
+                "cpu",
+                dtype,
+                shape,
+                stride=stride,
+                layout=layout,
+                training=training,
+                activation=ACTS[i % 3],
+                seed=i,
+                wide=True,
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
 def test_cpu_plane_widths(dtype, stride):
     # The C++ NCHW small-plane path copies rows narrower than a vector as whole vectors read
     # from the rows below (element-wise near the plane's end) and clears the junk they leave;

@@ -155,6 +155,27 @@ def test_triton_bwd_g_mode_rejects_unknown(monkeypatch):
     assert pw_bwd_mode() == "materialize"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_cpu_nchw_pixel_blocks(dtype):
+    """NCHW images split into several pixel blocks of the CPU GEMM + epilogue (blocks of ~64K
+    elements on the wider side: 256 pixels at 256 channels; 930 pixels = 3 full blocks + a ragged
+    one), the forward, the statistics merged across blocks, and every gradient."""
+    if "cpu" not in dwsep.available_backends("cpu"):
+        pytest.skip("the compiled cpu backend is not available")
+    for training, act in [(True, "relu6"), (False, "relu6"), (False, None)]:
+        run_and_compare(
+            "pointwise",
+            "cpu",
+            "cpu",
+            dtype,
+            (2, 256, 30, 31),
+            cout=200,
+            training=training,
+            activation=act,
+            wide=True,
+        )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("schedule", ["auto", "blocks", "chunks"])
 def test_cpu_bwd_schedules(dtype, schedule, monkeypatch):
