@@ -140,6 +140,39 @@ def test_relu6_both_kinks(op, backend, device, dtype, layout, training):
         )
 
 
+GPU_LARGE = {
+    # op: [(x shape, make_inputs extras, op kwargs)]: planes and channel counts past one tile
+    # or block of the GPU kernels in every dimension, with ragged remainders
+    "depthwise": [((2, 72, 70, 67), {}, {"stride": 1}), ((2, 72, 70, 67), {}, {"stride": 2})],
+    "pointwise": [((2, 136, 40, 37), {"cout": 264}, {})],
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(
+    ("backend", "device"), [p for p in backend_params() if p.values[1] == "cuda"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gpu_many_tiles(op, backend, device, dtype, layout, training):
+    """The GPU kernels over many tiles and blocks (the other tests' shapes fit in one or two):
+    forward, statistics and every gradient, outputs across both kinks of ReLU6."""
+    for shape, extra, kw in GPU_LARGE[op]:
+        run_and_compare(
+            op,
+            backend,
+            device,
+            dtype,
+            shape,
+            layout=layout,
+            training=training,
+            wide=True,
+            **extra,
+            **kw,
+        )
+
+
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
