@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import _ext
 from ._validation import memory_format
@@ -282,6 +283,7 @@ class DepthwiseConvBNActFn(torch.autograd.Function):
         return y, batch_mean, batch_var
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivative: a second backward raises
     def backward(ctx, grad_y, _gm, _gv):
         x, weight, y, mean, invstd, scale, bn_weight = ctx.saved_tensors
         backend, stride, training, act = ctx.cfg
@@ -337,6 +339,7 @@ class PointwiseConvBNActFn(torch.autograd.Function):
         return y, batch_mean, batch_var
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivative: a second backward raises
     def backward(ctx, grad_y, _gm, _gv):
         x, weight, z, mean, invstd, scale, shift, bn_weight = ctx.saved_tensors
         backend, training, act = ctx.cfg

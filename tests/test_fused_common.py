@@ -226,6 +226,26 @@ def test_gradcheck_float64(op, backend, device, training, variant):
 
 
 @pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+def test_double_backward_raises(op, backend, device):
+    """The kernel backends' backward has no derivative of its own: a first-order gradient with
+    create_graph=True is right, and differentiating it again raises instead of returning zeros
+    (before, PyTorch's autograd fallback warned and the second derivative came out 0)."""
+    shape, extra, kw = OPS[op]
+    x, weight, bn = make_inputs(op, shape, torch.float64, device, **extra)
+    for t in leaves(x, weight, bn):
+        t.requires_grad_()
+    y = call(op, backend, x, weight, bn, training=True, **kw)
+    (g1,) = torch.autograd.grad((y**2).sum(), x, retain_graph=True)
+    (g2,) = torch.autograd.grad((y**2).sum(), x, create_graph=True)
+    assert torch.equal(g1, g2)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g2.sum().backward()
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g2.sum(), weight)
+
+
+@pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize(("backend", "device"), backend_params(include_torch=True))
 def test_torch_compile_fullgraph(op, backend, device):
     torch._dynamo.reset()
