@@ -101,7 +101,7 @@ def test_non_contiguous_inputs(backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
     # The shapes above stay on one code path of the C++ kernels: NCHW planes at most 64 wide
     # (the flat-plane path) and channels_last rows within one column tile. Here planes wider
