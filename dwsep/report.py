@@ -599,15 +599,12 @@ def source_revision(root: Optional[Path] = None) -> dict[str, Any]:
 
 def malloc_setup() -> str:
     """The host allocator settings CPU timings depend on: a malloc replacement in LD_PRELOAD,
-    glibc malloc tunables (GLIBC_TUNABLES, MALLOC_*_), or "glibc malloc defaults". With the
+    glibc malloc tunables (GLIBC_TUNABLES, MALLOC_* variables), or "glibc malloc defaults". With the
     defaults, glibc gives large freed blocks back to the OS and each call then page-faults its
     outputs in again, at a cost that varies from process to process (bench/NOTES.md)."""
     parts = []
-    preload = [
-        os.path.basename(p)
-        for p in re.split(r"[:\s]+", os.environ.get("LD_PRELOAD", ""))
-        if re.search(r"malloc|jemalloc|tcmalloc|mimalloc", os.path.basename(p))
-    ]
+    libs = (os.path.basename(p) for p in re.split(r"[:\s]+", os.environ.get("LD_PRELOAD", "")))
+    preload = [lib for lib in libs if "malloc" in lib]  # jemalloc, tcmalloc, mimalloc, ...
     if preload:
         parts.append("LD_PRELOAD " + " ".join(preload))
     tunables = [
@@ -615,9 +612,8 @@ def malloc_setup() -> str:
     ]
     if tunables:
         parts.append("GLIBC_TUNABLES " + ":".join(tunables))
-    parts += sorted(
-        f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_") and k.endswith("_")
-    )
+    # glibc's MALLOC_ARENA_MAX, MALLOC_TRIM_THRESHOLD_, ..., and jemalloc's MALLOC_CONF
+    parts += sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
     return ", ".join(parts) or "glibc malloc defaults"
 
 

@@ -187,10 +187,11 @@ def test_malloc_setup_named_in_cpu_reports(monkeypatch):
     assert R.malloc_setup() == "glibc malloc defaults"
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libfoo.so /usr/lib/x86_64/libjemalloc.so.2")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.x=1:glibc.malloc.trim_threshold=99")
-    monkeypatch.setenv("MALLOC_ARENA_MAX_", "2")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")
     assert R.malloc_setup() == (
         "LD_PRELOAD libjemalloc.so.2, GLIBC_TUNABLES glibc.malloc.trim_threshold=99, "
-        "MALLOC_ARENA_MAX_=2"
+        "MALLOC_ARENA_MAX=2, MALLOC_TRIM_THRESHOLD_=4096"
     )
     env = R.environment(torch.device("cpu"))
     assert env["malloc"] == R.malloc_setup()
