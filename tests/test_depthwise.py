@@ -127,6 +127,34 @@ def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
             )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_channels_last_rows_in_place(dtype, stride):
+    # At stride 1 the C++ channels_last forward and statistics read fp32/fp64 rows at least
+    # 28 wide in place (no ring copy) when C is a multiple of the vector (8 fp32 lanes, 4
+    # fp64): interior outputs from x itself, the first and last columns with their outside
+    # taps skipped, rows above and below the image as zeros. C = 12 takes this path in fp64
+    # only. Stride 2 (the ring) runs the same shapes as a control.
+    if "cpu" not in dwsep.available_backends():
+        pytest.skip("the C++ CPU kernels are not built")
+    shapes = [(2, 16, 5, 28), (1, 8, 1, 29), (2, 24, 3, 33), (1, 12, 4, 30), (1, 128, 2, 29)]
+    for i, shape in enumerate(shapes):
+        for training in (False, True):
+            run_and_compare(
+                "depthwise",
+                "cpu",
+                "cpu",
+                dtype,
+                shape,
+                stride=stride,
+                layout="channels_last",
+                training=training,
+                activation=ACTS[i % 3],
+                seed=10 + i,
+                wide=True,
+            )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_cpu_plane_widths(dtype, stride):

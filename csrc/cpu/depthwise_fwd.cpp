@@ -2,7 +2,9 @@
 // dwsep::dw_stats (per-channel batch mean / biased variance of the conv output).
 //
 // NHWC: parallel over output rows (n, ho); vectors over C with the 9 taps, scale and shift of a
-// channel block held in registers while the block sweeps the row. NCHW: parallel over planes
+// channel block held in registers while the block sweeps a column tile of the row (input rows
+// converted into a padded ring, outputs staged in a tile); at stride 1, fp32/fp64 planes at
+// least 28 wide read x and write y in place instead (NhwcInPlace). NCHW: parallel over planes
 // (n, c); vectors along W over zero-padded (stride 2: even/odd split) row buffers, each input
 // row converted once. Both read x once and write y once.
 //
@@ -17,6 +19,37 @@ namespace dwsep {
 namespace cpu {
 namespace {
 
+// NHWC with the rows read in place (nhwc_in_place): no ring copy and no staging tile; each
+// output pixel's channel blocks are stored one after another, straight into y.
+template <typename T, int S, int kAct>
+void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std::vector<T>& sc,
+                          const std::vector<T>& sh, const DwShape& s) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t C = s.C;
+  const int64_t WB = nhwc_col_tile(C, S, sizeof(T));
+  at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
+    NhwcInPlace<T, S> src(x, s);
+    for (int64_t r = begin; r < end; ++r) {
+      const auto cv = src.taps(r / s.Ho, r % s.Ho);
+      T* yr = y + r * s.Wo * C;
+      auto out = [&](int64_t wo, int64_t c0, const Vec& z) {
+        const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
+        act_vec<kAct>(at::vec::fmadd(z, a, b)).store(yr + wo * C + c0);
+      };
+      const int64_t ie = src.interior_end();
+      for (int64_t c0 = 0; c0 < C; c0 += kV) out(0, c0, src.edge(0, c0, wt.data(), C));
+      for (int64_t wa = 1; wa < ie; wa += WB) {
+        const int64_t wb = std::min(ie, wa + WB);
+        src.prefetch(wb, std::min(ie, wb + WB));
+        cv.sweep_pixels(wa, wb, C, wt.data(), C, out);
+      }
+      for (int64_t wo = ie; wo < s.Wo; ++wo)
+        for (int64_t c0 = 0; c0 < C; c0 += kV) out(wo, c0, src.edge(wo, c0, wt.data(), C));
+    }
+  });
+}
+
 template <typename T, int S, int kAct>
 void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& scale,
                  const at::Tensor& shift, const DwShape& s) {
@@ -28,6 +61,9 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
   const auto wt = dw_weight_taps<T>(weight, C, Cp);
   const auto sc = padded_vec<Acc>(scale, Cp);
   const auto sh = padded_vec<Acc>(shift, Cp);
+  if constexpr (S == 1 && std::is_same_v<T, Acc>) {
+    if (nhwc_in_place<T, S>(s)) return dw_fwd_nhwc_in_place<T, S, kAct>(x, y, wt, sc, sh, s);
+  }
   const int64_t P = pixel_stride<Acc>(C);
   const int64_t WB = nhwc_col_tile(P, S, sizeof(Acc));
   at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
@@ -118,6 +154,47 @@ void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
 // ---------------------------------------------------------------------------------------------
 // dw_stats
 
+// Moments of output row ho of image n with the rows read in place (nhwc_in_place), merged
+// into the chunk's (km, k2; na0 outputs merged before this row): the column tiles and shifted
+// sums of the ring loop in dw_stats_nhwc, the border outputs through edge().
+template <typename T, int S>
+void nhwc_row_moments_in_place(NhwcInPlace<T, S>& src, int64_t n, int64_t ho, double na0,
+                               const std::vector<T>& wt, const DwShape& s, T* km, T* k2) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t C = s.C;
+  const int64_t WB = nhwc_col_tile(C, S, sizeof(T));
+  const auto cv = src.taps(n, ho);
+  const int64_t ie = src.interior_end();
+  for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+    const int64_t wb = std::min(s.Wo, wa + WB);
+    const int64_t ia = std::max<int64_t>(wa + 1, 1), ib = std::min(wb, ie);
+    src.prefetch(wb, std::min(ie, wb + WB));
+    const double nb = static_cast<double>(wb - wa);
+    const Vec inv(static_cast<T>(1.0 / nb));
+    for (int64_t c0 = 0; c0 < C; c0 += kV) {
+      Vec w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * C + c0);
+      const Vec K = (wa == 0 || wa >= ie) ? src.edge(wa, c0, wt.data(), C) : cv.z(wa, c0, w);
+      Vec s1(0), s2(0);
+      auto add = [&](int64_t, const Vec& z) {
+        const Vec d = z - K;
+        s1 = s1 + d;
+        s2 = at::vec::fmadd(d, d, s2);
+      };
+      if (ia < ib) cv.sweep(ia, ib, c0, w, add);
+      for (int64_t wo = std::max(wa + 1, ie); wo < wb; ++wo)
+        add(wo, src.edge(wo, c0, wt.data(), C));
+      const Vec mr = at::vec::fmadd(s1, inv, K);
+      const Vec m2r = at::vec::maximum(s2 - s1 * s1 * inv, Vec(0));
+      Vec ma = Vec::loadu(km + c0), m2a = Vec::loadu(k2 + c0);
+      chan_merge(ma, m2a, na0 + static_cast<double>(wa), mr, m2r, nb);
+      ma.store(km + c0);
+      m2a.store(k2 + c0);
+    }
+  }
+}
+
 template <typename T, int S>
 void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* var,
                    const DwShape& s) {
@@ -134,6 +211,22 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
   // Per chunk: mean and M2 per channel (Acc); the count is known from the chunk's row range.
   std::vector<Acc> cmean(nchunks * Cp), cm2(nchunks * Cp);
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    if constexpr (S == 1 && std::is_same_v<T, Acc>) {
+      if (nhwc_in_place<T, S>(s)) {
+        NhwcInPlace<T, S> src(x, s);
+        for (int64_t k = cb; k < ce; ++k) {
+          Acc* km = cmean.data() + k * Cp;
+          Acc* k2 = cm2.data() + k * Cp;
+          std::fill(km, km + Cp, Acc(0));
+          std::fill(k2, k2 + Cp, Acc(0));
+          const int64_t r0 = k * G, r1 = std::min(rows, r0 + G);
+          for (int64_t r = r0; r < r1; ++r)
+            nhwc_row_moments_in_place<T, S>(src, r / s.Ho, r % s.Ho,
+                                            static_cast<double>((r - r0) * s.Wo), wt, s, km, k2);
+        }
+        return;
+      }
+    }
     NhwcRows<T, S> ring(x, s);
     for (int64_t k = cb; k < ce; ++k) {
       Acc* km = cmean.data() + k * Cp;
