@@ -99,18 +99,13 @@ def test_non_contiguous_inputs(backend, device):
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
-    # The shapes above stay on one code path of the C++ kernels: NCHW planes at most 64 wide
-    # (the flat-plane path) and channels_last rows within one column tile. Here planes wider
-    # than 64 (the row path, stride 2 through its even/odd split) and channels_last rows split
-    # into several column tiles (with many channels a tile is a few pixels: input columns are
-    # converted tile by tile), forward, statistics and every gradient.
+def _cpu_shapes_train_and_eval(shapes, dtype, stride, layout, seed=0):
+    """Each shape through the C++ CPU kernels in eval and in training (forward, running stats,
+    every gradient), with pre-activations across both kinks of ReLU6 and the activation
+    cycling through ACTS."""
     if "cpu" not in dwsep.available_backends():
         pytest.skip("the C++ CPU kernels are not built")
-    for i, shape in enumerate([(1, 3, 5, 131), (2, 130, 5, 23), (1, 520, 3, 11)]):
+    for i, shape in enumerate(shapes):
         for training in (False, True):
             run_and_compare(
                 "depthwise",
@@ -122,9 +117,23 @@ def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
                 layout=layout,
                 training=training,
                 activation=ACTS[i % 3],
-                seed=i,
+                seed=seed + i,
                 wide=True,
             )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
+    # The shapes above stay on one code path of the C++ kernels: NCHW planes at most 64 wide
+    # (the flat-plane path) and channels_last rows within one column tile. Here planes wider
+    # than 64 (the row path, stride 2 through its even/odd split) and channels_last rows split
+    # into several column tiles (with many channels a tile is a few pixels: input columns are
+    # converted tile by tile), forward, statistics and every gradient.
+    _cpu_shapes_train_and_eval(
+        [(1, 3, 5, 131), (2, 130, 5, 23), (1, 520, 3, 11)], dtype, stride, layout
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -135,24 +144,8 @@ def test_cpu_channels_last_rows_in_place(dtype, stride):
     # fp64): interior outputs from x itself, the first and last columns with their outside
     # taps skipped, rows above and below the image as zeros. C = 12 takes this path in fp64
     # only. Stride 2 (the ring) runs the same shapes as a control.
-    if "cpu" not in dwsep.available_backends():
-        pytest.skip("the C++ CPU kernels are not built")
     shapes = [(2, 16, 5, 28), (1, 8, 1, 29), (2, 24, 3, 33), (1, 12, 4, 30), (1, 128, 2, 29)]
-    for i, shape in enumerate(shapes):
-        for training in (False, True):
-            run_and_compare(
-                "depthwise",
-                "cpu",
-                "cpu",
-                dtype,
-                shape,
-                stride=stride,
-                layout="channels_last",
-                training=training,
-                activation=ACTS[i % 3],
-                seed=10 + i,
-                wide=True,
-            )
+    _cpu_shapes_train_and_eval(shapes, dtype, stride, "channels_last", seed=10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

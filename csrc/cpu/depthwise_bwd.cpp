@@ -40,41 +40,36 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
   std::vector<Acc> p1(nchunks * Cp), p2(nchunks * Cp);
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
     NhwcRows<T, S> ring(x, s);
-    for (int64_t k = cb; k < ce; ++k) {
-      Acc* k1 = p1.data() + k * Cp;
-      Acc* k2 = p2.data() + k * Cp;
-      std::fill(k1, k1 + Cp, Acc(0));
-      std::fill(k2, k2 + Cp, Acc(0));
-      for (int64_t r = k * G; r < std::min(rows, (k + 1) * G); ++r) {
-        const auto cv = ring.taps(r / s.Ho, r % s.Ho);
-        const T* gr = gy + r * s.Wo * C;
-        const T* yr = y + r * s.Wo * C;
-        for (int64_t wa = 0; wa < s.Wo; wa += WB) {
-          const int64_t wb = std::min(s.Wo, wa + WB);
-          ring.ready(wb);
-          for (int64_t c0 = 0; c0 < C; c0 += kV) {
-            const int64_t cnt = std::min(kV, C - c0);
-            Vec w[9];
-            for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
-            const Vec m = Vec::loadu(mu.data() + c0), iv = Vec::loadu(is.data() + c0);
-            Vec a1 = Vec::loadu(k1 + c0), a2 = Vec::loadu(k2 + c0);
-            // Padded lanes load grad_y = 0, so g_z = 0 there.
-            auto gz_at = [&](int64_t wo) {
-              const int64_t o = wo * C + c0;
-              return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
-                               : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
-            };
-            cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
-              const Vec gz = gz_at(wo);
-              a1 = a1 + gz;
-              a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
-            });
-            a1.store(k1 + c0);
-            a2.store(k2 + c0);
-          }
+    auto row = [&](int64_t r, int64_t, Acc* k1, Acc* k2) {
+      const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+      const T* gr = gy + r * s.Wo * C;
+      const T* yr = y + r * s.Wo * C;
+      for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+        const int64_t wb = std::min(s.Wo, wa + WB);
+        ring.ready(wb);
+        for (int64_t c0 = 0; c0 < C; c0 += kV) {
+          const int64_t cnt = std::min(kV, C - c0);
+          Vec w[9];
+          for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+          const Vec m = Vec::loadu(mu.data() + c0), iv = Vec::loadu(is.data() + c0);
+          Vec a1 = Vec::loadu(k1 + c0), a2 = Vec::loadu(k2 + c0);
+          // Padded lanes load grad_y = 0, so g_z = 0 there.
+          auto gz_at = [&](int64_t wo) {
+            const int64_t o = wo * C + c0;
+            return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
+                             : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
+          };
+          cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
+            const Vec gz = gz_at(wo);
+            a1 = a1 + gz;
+            a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
+          });
+          a1.store(k1 + c0);
+          a2.store(k2 + c0);
         }
       }
-    }
+    };
+    for_chunk_rows(cb, ce, G, rows, Cp, p1.data(), p2.data(), row);
   });
   for (int64_t c = 0; c < C; ++c) {
     double s1 = 0, s2 = 0;

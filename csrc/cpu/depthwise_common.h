@@ -245,6 +245,24 @@ inline void chan_merge(Vec& mean_a, Vec& m2_a, double na, const Vec& mean_b, con
   m2_a = at::vec::fmadd(d * d, Vec(static_cast<Acc>(na * nb / tot)), m2_a + m2_b);
 }
 
+// Merges one tile's shifted sums into a chunk's per-channel moments at lanes [c0, c0 + kV):
+// K is a value of the tile (so the shifted sums do not cancel), s1 = sum(z - K) and
+// s2 = sum((z - K)^2) over its nb outputs, i.e. mean = K + s1/nb and M2 = s2 - s1^2/nb, merged
+// after the na outputs already in (km, k2).
+template <typename Vec>
+inline void merge_shifted_sums(typename Vec::value_type* km, typename Vec::value_type* k2,
+                               int64_t c0, const Vec& K, const Vec& s1, const Vec& s2, double na,
+                               double nb) {
+  using Acc = typename Vec::value_type;
+  const Vec inv(static_cast<Acc>(1.0 / nb));
+  const Vec mr = at::vec::fmadd(s1, inv, K);
+  const Vec m2r = at::vec::maximum(s2 - s1 * s1 * inv, Vec(0));
+  Vec ma = Vec::loadu(km + c0), m2a = Vec::loadu(k2 + c0);
+  chan_merge(ma, m2a, na, mr, m2r, nb);
+  ma.store(km + c0);
+  m2a.store(k2 + c0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Depthwise glue checks.
 
@@ -528,12 +546,16 @@ class NhwcInPlace {
  public:
   using Vec = Vectorized<T>;
   static_assert(std::is_same_v<T, typename AccOf<T>::type>, "in-place rows need T == Acc");
+  static_assert(S == 1, "in-place rows are used at stride 1 only (see above)");
 
+  // Output wo (= its centre column) is interior when 1 <= wo <= W - 2.
   NhwcInPlace(const T* x, const DwShape& s)
-      : x_(x), H_(s.H), W_(s.W), C_(s.C), zero_(s.W * s.C, T(0)) {
-    // Output wo is interior when wo >= 1 and wo*S + 1 <= W - 1.
-    interior_end_ = std::max<int64_t>(1, std::min(s.Wo, s.W >= 2 ? (s.W - 2) / S + 1 : 1));
-  }
+      : x_(x),
+        H_(s.H),
+        W_(s.W),
+        C_(s.C),
+        interior_end_(std::max<int64_t>(1, s.W - 1)),
+        zero_(s.W * s.C, T(0)) {}
 
   // Taps of output row ho of image n (and the rows for edge()).
   NhwcTaps<T, S> taps(int64_t n, int64_t ho) {
@@ -553,7 +575,7 @@ class NhwcInPlace {
 
   // z of border output wo for channels [c0, c0 + kV), the taps outside the image skipped.
   Vec edge(int64_t wo, int64_t c0, const T* wt, int64_t Cp) const {
-    const int64_t col0 = wo * S - 1;
+    const int64_t col0 = wo - 1;
     const int jlo = col0 < 0 ? 1 : 0;
     const int jhi = static_cast<int>(std::min<int64_t>(3, W_ - col0));
     Vec acc(0);
@@ -566,13 +588,10 @@ class NhwcInPlace {
     return acc;
   }
 
-  // Prefetch the input columns of output columns [wa, wb) in the rows new to this output row
-  // (the last S of the three; the others were read for the previous row).
+  // Prefetch the input columns of output columns [wa, wb) in the row new to this output row
+  // (the bottom one; the other two were read for the previous row).
   void prefetch(int64_t wa, int64_t wb) const {
-    const int64_t from = std::max<int64_t>(0, wa * S - 1) * C_;
-    const int64_t to = std::min(W_, wb * S + 1) * C_;
-    for (int i = 3 - S; i < 3; ++i)
-      if (xr_[i]) prefetch_span(xr_[i], from, to);
+    if (xr_[2]) prefetch_span(xr_[2], std::max<int64_t>(0, wa - 1) * C_, std::min(W_, wb + 1) * C_);
   }
 
  private:
@@ -826,6 +845,22 @@ inline int64_t nhwc_rows_per_chunk(int64_t Wo, int64_t C) {
   const int64_t by_work = ceil_div(32768, std::max<int64_t>(1, Wo * C));
   const int64_t by_len = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo));
   return std::max<int64_t>(1, std::min(by_work, by_len));
+}
+
+// f(r, r0, q1, q2) for every output row r of the NHWC reduction chunks [cb, ce) (chunk k: rows
+// [k*G, min(rows, k*G + G)), r0 its first row), q1 and q2 the chunk's two Cp-long partials in
+// p1 and p2, zeroed before its first row.
+template <typename Acc, class F>
+inline void for_chunk_rows(int64_t cb, int64_t ce, int64_t G, int64_t rows, int64_t Cp, Acc* p1,
+                           Acc* p2, F&& f) {
+  for (int64_t k = cb; k < ce; ++k) {
+    Acc* q1 = p1 + k * Cp;
+    Acc* q2 = p2 + k * Cp;
+    std::fill(q1, q1 + Cp, Acc(0));
+    std::fill(q2, q2 + Cp, Acc(0));
+    const int64_t r0 = k * G, r1 = std::min(rows, r0 + G);
+    for (int64_t r = r0; r < r1; ++r) f(r, r0, q1, q2);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

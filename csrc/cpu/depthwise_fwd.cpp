@@ -37,15 +37,17 @@ void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std:
         const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
         act_vec<kAct>(at::vec::fmadd(z, a, b)).store(yr + wo * C + c0);
       };
+      auto border = [&](int64_t wo) {
+        for (int64_t c0 = 0; c0 < C; c0 += kV) out(wo, c0, src.edge(wo, c0, wt.data(), C));
+      };
       const int64_t ie = src.interior_end();
-      for (int64_t c0 = 0; c0 < C; c0 += kV) out(0, c0, src.edge(0, c0, wt.data(), C));
+      border(0);
       for (int64_t wa = 1; wa < ie; wa += WB) {
         const int64_t wb = std::min(ie, wa + WB);
         src.prefetch(wb, std::min(ie, wb + WB));
         cv.sweep_pixels(wa, wb, C, wt.data(), C, out);
       }
-      for (int64_t wo = ie; wo < s.Wo; ++wo)
-        for (int64_t c0 = 0; c0 < C; c0 += kV) out(wo, c0, src.edge(wo, c0, wt.data(), C));
+      for (int64_t wo = ie; wo < s.Wo; ++wo) border(wo);
     }
   });
 }
@@ -170,8 +172,6 @@ void nhwc_row_moments_in_place(NhwcInPlace<T, S>& src, int64_t n, int64_t ho, do
     const int64_t wb = std::min(s.Wo, wa + WB);
     const int64_t ia = std::max<int64_t>(wa + 1, 1), ib = std::min(wb, ie);
     src.prefetch(wb, std::min(ie, wb + WB));
-    const double nb = static_cast<double>(wb - wa);
-    const Vec inv(static_cast<T>(1.0 / nb));
     for (int64_t c0 = 0; c0 < C; c0 += kV) {
       Vec w[9];
       for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * C + c0);
@@ -185,12 +185,8 @@ void nhwc_row_moments_in_place(NhwcInPlace<T, S>& src, int64_t n, int64_t ho, do
       if (ia < ib) cv.sweep(ia, ib, c0, w, add);
       for (int64_t wo = std::max(wa + 1, ie); wo < wb; ++wo)
         add(wo, src.edge(wo, c0, wt.data(), C));
-      const Vec mr = at::vec::fmadd(s1, inv, K);
-      const Vec m2r = at::vec::maximum(s2 - s1 * s1 * inv, Vec(0));
-      Vec ma = Vec::loadu(km + c0), m2a = Vec::loadu(k2 + c0);
-      chan_merge(ma, m2a, na0 + static_cast<double>(wa), mr, m2r, nb);
-      ma.store(km + c0);
-      m2a.store(k2 + c0);
+      merge_shifted_sums(km, k2, c0, K, s1, s2, na0 + static_cast<double>(wa),
+                         static_cast<double>(wb - wa));
     }
   }
 }
@@ -214,58 +210,39 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
     if constexpr (S == 1 && std::is_same_v<T, Acc>) {
       if (nhwc_in_place<T, S>(s)) {
         NhwcInPlace<T, S> src(x, s);
-        for (int64_t k = cb; k < ce; ++k) {
-          Acc* km = cmean.data() + k * Cp;
-          Acc* k2 = cm2.data() + k * Cp;
-          std::fill(km, km + Cp, Acc(0));
-          std::fill(k2, k2 + Cp, Acc(0));
-          const int64_t r0 = k * G, r1 = std::min(rows, r0 + G);
-          for (int64_t r = r0; r < r1; ++r)
-            nhwc_row_moments_in_place<T, S>(src, r / s.Ho, r % s.Ho,
-                                            static_cast<double>((r - r0) * s.Wo), wt, s, km, k2);
-        }
+        auto row = [&](int64_t r, int64_t r0, Acc* km, Acc* k2) {
+          nhwc_row_moments_in_place<T, S>(src, r / s.Ho, r % s.Ho,
+                                          static_cast<double>((r - r0) * s.Wo), wt, s, km, k2);
+        };
+        for_chunk_rows(cb, ce, G, rows, Cp, cmean.data(), cm2.data(), row);
         return;
       }
     }
     NhwcRows<T, S> ring(x, s);
-    for (int64_t k = cb; k < ce; ++k) {
-      Acc* km = cmean.data() + k * Cp;
-      Acc* k2 = cm2.data() + k * Cp;
-      std::fill(km, km + Cp, Acc(0));
-      std::fill(k2, k2 + Cp, Acc(0));
-      const int64_t r0 = k * G, r1 = std::min(rows, r0 + G);
-      for (int64_t r = r0; r < r1; ++r) {
-        const auto cv = ring.taps(r / s.Ho, r % s.Ho);
-        for (int64_t wa = 0; wa < s.Wo; wa += WB) {
-          const int64_t wb = std::min(s.Wo, wa + WB);
-          // (count, mean, M2) of the tile, merged into the chunk's moments.
-          // Padded channel lanes compute z = 0 and are never read back.
-          const double na = static_cast<double>((r - r0) * s.Wo + wa);
-          const double nb = static_cast<double>(wb - wa);
-          ring.ready(wb);
-          for (int64_t c0 = 0; c0 < C; c0 += kV) {
-            Vec w[9];
-            for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
-            // Sums shifted by the tile's first value (a sample of the same data, so the
-            // shifted sums do not cancel): mean = K + s1/n, M2 = s2 - s1^2/n.
-            const Vec K = cv.z(wa, c0, w);
-            Vec s1(0), s2(0);
-            cv.sweep(wa + 1, wb, c0, w, [&](int64_t, const Vec& z) {
-              const Vec d = z - K;
-              s1 = s1 + d;
-              s2 = at::vec::fmadd(d, d, s2);
-            });
-            const Vec inv(static_cast<Acc>(1.0 / nb));
-            const Vec mr = at::vec::fmadd(s1, inv, K);
-            const Vec m2r = at::vec::maximum(s2 - s1 * s1 * inv, Vec(0));
-            Vec ma = Vec::loadu(km + c0), m2a = Vec::loadu(k2 + c0);
-            chan_merge(ma, m2a, na, mr, m2r, nb);
-            ma.store(km + c0);
-            m2a.store(k2 + c0);
-          }
+    auto row = [&](int64_t r, int64_t r0, Acc* km, Acc* k2) {
+      const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+      for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+        const int64_t wb = std::min(s.Wo, wa + WB);
+        // (count, mean, M2) of the tile, merged into the chunk's moments.
+        // Padded channel lanes compute z = 0 and are never read back.
+        ring.ready(wb);
+        for (int64_t c0 = 0; c0 < C; c0 += kV) {
+          Vec w[9];
+          for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+          // Sums shifted by the tile's first value (merge_shifted_sums).
+          const Vec K = cv.z(wa, c0, w);
+          Vec s1(0), s2(0);
+          cv.sweep(wa + 1, wb, c0, w, [&](int64_t, const Vec& z) {
+            const Vec d = z - K;
+            s1 = s1 + d;
+            s2 = at::vec::fmadd(d, d, s2);
+          });
+          merge_shifted_sums(km, k2, c0, K, s1, s2, static_cast<double>((r - r0) * s.Wo + wa),
+                             static_cast<double>(wb - wa));
         }
       }
-    }
+    };
+    for_chunk_rows(cb, ce, G, rows, Cp, cmean.data(), cm2.data(), row);
   });
   at::parallel_for(0, C, 64, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
