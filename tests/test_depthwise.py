@@ -130,9 +130,10 @@ def test_cpu_wide_planes_and_column_tiles(dtype, stride, layout):
     # (the flat-plane path) and channels_last rows within one column tile. Here planes wider
     # than 64 (the row path, stride 2 through its even/odd split) and channels_last rows split
     # into several column tiles (with many channels a tile is a few pixels: input columns are
-    # converted tile by tile), forward, statistics and every gradient.
+    # converted tile by tile; the backward's tiles are 8x wider, 21 pixels at 520 channels and
+    # stride 1, 10 at stride 2), forward, statistics and every gradient.
     _cpu_shapes_train_and_eval(
-        [(1, 3, 5, 131), (2, 130, 5, 23), (1, 520, 3, 11)], dtype, stride, layout
+        [(1, 3, 5, 131), (2, 130, 5, 23), (1, 520, 3, 11), (1, 520, 3, 50)], dtype, stride, layout
     )
 
 
@@ -146,6 +147,21 @@ def test_cpu_channels_last_rows_in_place(dtype, stride):
     # only. Stride 2 (the ring) runs the same shapes as a control.
     shapes = [(2, 16, 5, 28), (1, 8, 1, 29), (2, 24, 3, 33), (1, 12, 4, 30), (1, 128, 2, 29)]
     _cpu_shapes_train_and_eval(shapes, dtype, stride, "channels_last", seed=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_channels_last_backward_bands(dtype, stride):
+    # The C++ channels_last backward cuts each image's output rows into bands of at least 32
+    # rows (more when Wo*C is small) and recomputes the g_conv rows just outside a band (above
+    # and below at stride 1, below at stride 2) instead of storing g_conv. These shapes give two
+    # or three bands per image: in place (fp32/fp64, C a multiple of the vector, W >= 28, at
+    # stride 1) and through the ring (C = 130, bf16, stride 2), odd and even heights.
+    shapes = {
+        1: [(2, 64, 37, 29), (1, 130, 40, 30), (1, 64, 70, 28)],
+        2: [(1, 128, 67, 29), (1, 130, 69, 30), (2, 128, 66, 29)],
+    }[stride]
+    _cpu_shapes_train_and_eval(shapes, dtype, stride, "channels_last", seed=20)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -4,10 +4,12 @@
 //                  (stride 1 and 2), grad_weight = sum of g_conv (x) x-patches.
 //
 // Everything is deterministic whatever the thread count: reductions go through fixed chunks
-// (NHWC: groups of output rows; NCHW: planes) with Acc partials, then a fixed-order reduction in
-// double. NHWC materializes g_conv once in an Acc buffer with a zero border (the weight-gradient
-// taps are accumulated while the row is hot, grad_x then gathers from the buffer); NCHW keeps
-// one zero-padded g_conv plane per task in cache.
+// (NHWC: groups of output rows, or bands of an image's rows; NCHW: planes) with Acc partials,
+// then a fixed-order reduction in double. NHWC keeps g_conv in a ring of three rows per task
+// (bands recompute the rows just outside them; the weight-gradient taps are accumulated while
+// a row is hot and grad_x gathered as soon as its rows exist); at stride 1, fp32/fp64 rows at
+// least 28 wide are read in place as in the forward. NCHW keeps one zero-padded g_conv plane
+// per task in cache.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -36,17 +38,17 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
   const int64_t rows = s.N * s.Ho;
   const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
   const int64_t nchunks = ceil_div(rows, G);
-  const int64_t WB = nhwc_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  const int64_t WB = nhwc_bwd_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
   std::vector<Acc> p1(nchunks * Cp), p2(nchunks * Cp);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    NhwcRows<T, S> ring(x, s);
+  // The chunks' rows from either row source (tile_z).
+  auto chunks = [&](auto& src, int64_t cb, int64_t ce) {
     auto row = [&](int64_t r, int64_t, Acc* k1, Acc* k2) {
-      const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+      const auto cv = src.taps(r / s.Ho, r % s.Ho);
       const T* gr = gy + r * s.Wo * C;
       const T* yr = y + r * s.Wo * C;
       for (int64_t wa = 0; wa < s.Wo; wa += WB) {
         const int64_t wb = std::min(s.Wo, wa + WB);
-        ring.ready(wb);
+        tile_ready(src, wa, wb, WB);
         for (int64_t c0 = 0; c0 < C; c0 += kV) {
           const int64_t cnt = std::min(kV, C - c0);
           Vec w[9];
@@ -59,7 +61,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
             return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
                              : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
           };
-          cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
+          tile_z(src, cv, wa, wb, c0, w, wt.data(), Cp, [&](int64_t wo, const Vec& z) {
             const Vec gz = gz_at(wo);
             a1 = a1 + gz;
             a2 = at::vec::fmadd(gz, (z - m) * iv, a2);
@@ -70,6 +72,17 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
       }
     };
     for_chunk_rows(cb, ce, G, rows, Cp, p1.data(), p2.data(), row);
+  };
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    if constexpr (S == 1 && std::is_same_v<T, Acc>) {
+      if (nhwc_in_place<T, S>(s)) {
+        NhwcInPlace<T, S> src(x, s);
+        chunks(src, cb, ce);
+        return;
+      }
+    }
+    NhwcRows<T, S> src(x, s);
+    chunks(src, cb, ce);
   });
   for (int64_t c = 0; c < C; ++c) {
     double s1 = 0, s2 = 0;
@@ -174,6 +187,20 @@ void dw_bwd_reduce_nchw(const T* gy, const T* y, const T* x, const at::Tensor& w
 // ---------------------------------------------------------------------------------------------
 // dw_bwd, NHWC
 
+// Output rows per band of the NHWC backward: bands recompute the g_conv rows just outside them
+// (one on each side at stride 1, one after at stride 2), so they are at least 32 rows long
+// where the 4096-pixel bound on the fp32 partials allows. (Measured, fp32 channels_last batch
+// 8: 32 rows 0-5% faster than 16 and 8 on the stride-1 layers; 64 no better.)
+inline int64_t dw_bwd_band_rows(int64_t Wo, int64_t C) {
+  const int64_t by_len = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Wo));
+  return std::min(by_len, std::max<int64_t>(32, nhwc_rows_per_chunk(Wo, C)));
+}
+
+// Each image's output rows are cut into fixed bands (the deterministic chunks); a task walks
+// its bands' g_conv rows top to bottom through a ring of three zero-bordered Acc rows (in L2),
+// accumulating the weight-gradient taps of the band's own rows while the row is hot, and
+// gathers grad_x for the input rows an output row q owns (stride 1: row q; stride 2: rows 2q
+// and 2q+1) as soon as g_conv row q + 1 exists. g_conv never goes to memory.
 template <typename T, int S, int kAct>
 void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
                  const at::Tensor& kt, const at::Tensor& bt, const at::Tensor& ct, bool use_z,
@@ -187,125 +214,142 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
   const auto kk = padded_vec<Acc>(kt, Cp);
   const auto bb = padded_vec<Acc>(bt, Cp);
   const auto cc = padded_vec<Acc>(ct, Cp);
-  const int64_t Hp = s.Ho + 2, Wp = s.Wo + 2;
-  // g_conv with a zero border: gbuf[n][ho+1][wo+1][c], pixel stride P, row stride RW (lanes
-  // C..Cp hold 0).
-  const int64_t P = pixel_stride<Acc>(C), RW = pad_stride<Acc>(Wp * P);
-  at::Tensor gbuf_t =
-      at::empty({s.N * Hp * RW}, at::TensorOptions().dtype(c10::CppTypeToScalarType<Acc>::value));
-  Acc* gbuf = gbuf_t.mutable_data_ptr<Acc>();
-  const int64_t rows = s.N * s.Ho;
-  const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
-  const int64_t nchunks = ceil_div(rows, G);
-  const int64_t WB = nhwc_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  // A g_conv row: Wo + 2 pixels of stride P (pixels 0 and Wo + 1 and lanes C..P hold 0).
+  const int64_t P = pixel_stride<Acc>(C), RW = pad_stride<Acc>((s.Wo + 2) * P);
+  const int64_t bands = ceil_div(s.Ho, dw_bwd_band_rows(s.Wo, C));
+  const int64_t nchunks = s.N * bands;
+  const int64_t WB = nhwc_bwd_col_tile(P, S, sizeof(Acc));
   std::vector<Acc> pw(nchunks * 9 * Cp);
 
-  // Pass 1: g_conv rows and the per-chunk weight-gradient partials.
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    NhwcRows<T, S> ring(x, s);
-    for (int64_t k = cb; k < ce; ++k) {
-      Acc* kw = pw.data() + k * 9 * Cp;
-      std::fill(kw, kw + 9 * Cp, Acc(0));
-      for (int64_t r = k * G; r < std::min(rows, (k + 1) * G); ++r) {
-        const int64_t n = r / s.Ho, ho = r % s.Ho;
-        Acc* img = gbuf + n * Hp * RW;
-        Acc* grow = img + (ho + 1) * RW;
-        if (ho == 0) std::fill(img, img + RW, Acc(0));
-        if (ho == s.Ho - 1) std::fill(img + (s.Ho + 1) * RW, img + Hp * RW, Acc(0));
-        std::fill(grow, grow + P, Acc(0));
-        std::fill(grow + (Wp - 1) * P, grow + Wp * P, Acc(0));
-        const auto cv = ring.taps(n, ho);
-        const T* gr = gy + r * s.Wo * C;
-        const T* yr = y + r * s.Wo * C;
-        for (int64_t wa = 0; wa < s.Wo; wa += WB) {
-          const int64_t wb = std::min(s.Wo, wa + WB);
-          ring.ready(wb);
-          for (int64_t c0 = 0; c0 < C; c0 += kV) {
-            const int64_t cnt = std::min(kV, C - c0);
-            // g_conv; padded lanes get k = b = c = 0 and g_z = 0, so they hold 0.
-            const Vec kv = Vec::loadu(kk.data() + c0);
-            auto gz_at = [&](int64_t wo) {
-              const int64_t o = wo * C + c0;
-              return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
-                               : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
-            };
-            if (use_z) {
-              Vec w[9];
-              for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
-              const Vec bv = Vec::loadu(bb.data() + c0), cvv = Vec::loadu(cc.data() + c0);
-              cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
-                at::vec::fmadd(kv, gz_at(wo), at::vec::fmadd(bv, z, cvv))
-                    .store(grow + (wo + 1) * P + c0);
-              });
-            } else {
-              for (int64_t wo = wa; wo < wb; ++wo) (kv * gz_at(wo)).store(grow + (wo + 1) * P + c0);
-            }
-            Vec acc[9];
-            for (int t = 0; t < 9; ++t) acc[t] = Vec::loadu(kw + t * Cp + c0);
-            for (int64_t wo = wa; wo < wb; ++wo)
-              cv.wgrad(wo, c0, Vec::loadu(grow + (wo + 1) * P + c0), acc);
-            for (int t = 0; t < 9; ++t) acc[t].store(kw + t * Cp + c0);
-          }
-        }
-      }
-    }
-  });
-
-  // Pass 2: grad_x[n, h, w] gathers the g_conv entries that touched it.
-  at::parallel_for(0, s.N * s.H, grain_for(s.W * C), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / s.H, h = r % s.H;
-      const Acc* img = gbuf + n * Hp * RW;
-      // (buffer row, kernel row) pairs that reach input row h.
-      const Acc* gr[3];
-      int ki[3];
-      int nr = 0;
-      if constexpr (S == 1) {
-        for (int i = 0; i < 3; ++i) {
-          gr[nr] = img + (h + 2 - i) * RW;
-          ki[nr++] = i;
-        }
-      } else if (h % 2 == 0) {
-        gr[nr] = img + (h / 2 + 1) * RW;
-        ki[nr++] = 1;
-      } else {
-        gr[nr] = img + ((h + 1) / 2 + 1) * RW;
-        ki[nr++] = 0;
-        gr[nr] = img + ((h - 1) / 2 + 1) * RW;
-        ki[nr++] = 2;
-      }
-      T* xr = gx + r * s.W * C;
+  // g_conv of output row (n, ho) into grow (pixel wo at grow + (wo + 1) * P); when kw is given,
+  // its weight-gradient taps are added to kw ([9][Cp]).
+  auto g_row = [&](auto& src, int64_t n, int64_t ho, Acc* grow, Acc* kw) {
+    const auto cv = src.taps(n, ho);
+    const int64_t r = n * s.Ho + ho;
+    const T* gr = gy + r * s.Wo * C;
+    const T* yr = y + r * s.Wo * C;
+    Acc* g = grow + P;
+    for (int64_t wa = 0; wa < s.Wo; wa += WB) {
+      const int64_t wb = std::min(s.Wo, wa + WB);
+      tile_ready(src, wa, wb, WB);
       for (int64_t c0 = 0; c0 < C; c0 += kV) {
         const int64_t cnt = std::min(kV, C - c0);
-        Vec w[9];
-        for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
-        auto put = [&](int64_t col, const Vec& v) {
-          if (cnt == kV) {
-            IO::store(xr + col * C + c0, v);
-          } else {
-            IO::store(xr + col * C + c0, v, cnt);
-          }
+        // g_conv; padded lanes get k = b = c = 0 and g_z = 0, so they hold 0.
+        const Vec kv = Vec::loadu(kk.data() + c0);
+        auto gz_at = [&](int64_t wo) {
+          const int64_t o = wo * C + c0;
+          return cnt == kV ? act_grad<kAct>(IO::load(gr + o), IO::load(yr + o))
+                           : act_grad<kAct>(IO::load(gr + o, cnt), IO::load(yr + o, cnt));
         };
-        for (int64_t col = 0; col < s.W; ++col) {
-          Vec v(0);
-          for (int q = 0; q < nr; ++q) {
-            const Acc* g = gr[q] + c0;
-            const Vec* wr = w + 3 * ki[q];
-            if constexpr (S == 1) {
-              v = at::vec::fmadd(Vec::loadu(g + (col + 2) * P), wr[0], v);
-              v = at::vec::fmadd(Vec::loadu(g + (col + 1) * P), wr[1], v);
-              v = at::vec::fmadd(Vec::loadu(g + col * P), wr[2], v);
-            } else if (col % 2 == 0) {
-              v = at::vec::fmadd(Vec::loadu(g + (col / 2 + 1) * P), wr[1], v);
-            } else {
-              v = at::vec::fmadd(Vec::loadu(g + ((col + 1) / 2 + 1) * P), wr[0], v);
-              v = at::vec::fmadd(Vec::loadu(g + ((col - 1) / 2 + 1) * P), wr[2], v);
-            }
-          }
-          put(col, v);
+        if (use_z) {
+          Vec w[9];
+          for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+          const Vec bv = Vec::loadu(bb.data() + c0), cvv = Vec::loadu(cc.data() + c0);
+          tile_z(src, cv, wa, wb, c0, w, wt.data(), Cp, [&](int64_t wo, const Vec& z) {
+            at::vec::fmadd(kv, gz_at(wo), at::vec::fmadd(bv, z, cvv)).store(g + wo * P + c0);
+          });
+        } else {
+          for (int64_t wo = wa; wo < wb; ++wo) (kv * gz_at(wo)).store(g + wo * P + c0);
+        }
+        if (kw) {
+          Vec acc[9];
+          for (int t = 0; t < 9; ++t) acc[t] = Vec::loadu(kw + t * Cp + c0);
+          tile_wgrad(src, cv, wa, wb, c0, g + c0, P, acc);
+          for (int t = 0; t < 9; ++t) acc[t].store(kw + t * Cp + c0);
         }
       }
     }
+  };
+
+  // grad_x[h][w] = sum_ij w_ij g_conv[(h + 1 - i) / S][(w + 1 - j) / S] over the terms with
+  // whole quotients. Stride 1: the 3x3 correlation of g_conv rows h - 1 .. h + 1 (zero
+  // bordered) with the flipped taps, swept four pixels at a time (NhwcTaps). Stride 2: per
+  // column parity, from the one or two g_conv rows that reach h.
+  std::vector<Acc> wflip(9 * Cp);
+  for (int t = 0; t < 9; ++t)
+    std::copy(wt.data() + (8 - t) * Cp, wt.data() + (9 - t) * Cp, wflip.data() + t * Cp);
+  auto gather = [&](int64_t n, int64_t h, auto&& grow) {
+    T* xr = gx + (n * s.H + h) * s.W * C;
+    // (g_conv row, kernel row) pairs that reach input row h: g_conv row o uses input rows
+    // o*S - 1 + i under kernel row i.
+    const Acc* gr[3];
+    int ki[3];
+    int nr = 0;
+    for (int i = 0; i < 3; ++i) {
+      if ((h + 1 - i) % S != 0) continue;
+      gr[nr] = grow((h + 1 - i) / S);
+      ki[nr++] = i;
+    }
+    NhwcTaps<Acc, 1> gt;
+    gt.P = P;
+    for (int i = 0; i < 3 && S == 1; ++i) gt.rows[i] = gr[2 - i];
+    for (int64_t c0 = 0; c0 < C; c0 += kV) {
+      const int64_t cnt = std::min(kV, C - c0);
+      auto put = [&](int64_t col, const Vec& v) {
+        if (cnt == kV) {
+          IO::store(xr + col * C + c0, v);
+        } else {
+          IO::store(xr + col * C + c0, v, cnt);
+        }
+      };
+      Vec w[9];
+      if constexpr (S == 1) {
+        for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wflip.data() + t * Cp + c0);
+        gt.sweep(0, s.W, c0, w, put);
+        continue;
+      }
+      for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
+      for (int64_t col = 0; col < s.W; ++col) {
+        Vec v(0);
+        for (int q = 0; q < nr; ++q) {
+          const Acc* g = gr[q] + c0;
+          const Vec* wr = w + 3 * ki[q];
+          if (col % 2 == 0) {
+            v = at::vec::fmadd(Vec::loadu(g + (col / 2 + 1) * P), wr[1], v);
+          } else {
+            v = at::vec::fmadd(Vec::loadu(g + ((col + 1) / 2 + 1) * P), wr[0], v);
+            v = at::vec::fmadd(Vec::loadu(g + ((col - 1) / 2 + 1) * P), wr[2], v);
+          }
+        }
+        put(col, v);
+      }
+    }
+  };
+
+  auto run_bands = [&](auto& src, int64_t cb, int64_t ce) {
+    // Three ring rows and a zero row (the g_conv rows outside the image).
+    std::vector<Acc> ring(4 * RW, Acc(0));
+    auto grow = [&](int64_t q) -> Acc* {
+      return ring.data() + (q >= 0 && q < s.Ho ? q % 3 : 3) * RW;
+    };
+    // grad_x of the input rows that output row q owns; needs g_conv rows q - 1 .. q + 1.
+    auto emit = [&](int64_t n, int64_t q) {
+      for (int64_t h = q * S; h < std::min(s.H, (q + 1) * S); ++h) gather(n, h, grow);
+    };
+    for (int64_t k = cb; k < ce; ++k) {
+      const int64_t n = k / bands, b = k % bands;
+      const int64_t ho0 = b * s.Ho / bands, ho1 = (b + 1) * s.Ho / bands;
+      Acc* kw = pw.data() + k * 9 * Cp;
+      std::fill(kw, kw + 9 * Cp, Acc(0));
+      const int64_t qa = S == 1 ? std::max<int64_t>(0, ho0 - 1) : ho0;
+      const int64_t qb = std::min(s.Ho, ho1 + 1);
+      for (int64_t q = qa; q < qb; ++q) {
+        g_row(src, n, q, grow(q), q >= ho0 && q < ho1 ? kw : nullptr);
+        if (q - 1 >= ho0) emit(n, q - 1);
+      }
+      if (ho1 == s.Ho) emit(n, s.Ho - 1);
+    }
+  };
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    if constexpr (S == 1 && std::is_same_v<T, Acc>) {
+      if (nhwc_in_place<T, S>(s)) {
+        NhwcInPlace<T, S> src(x, s);
+        run_bands(src, cb, ce);
+        return;
+      }
+    }
+    NhwcRows<T, S> src(x, s);
+    run_bands(src, cb, ce);
   });
 
   for (int64_t c = 0; c < C; ++c)

@@ -450,6 +450,35 @@ struct NhwcTaps {
       for (int j = 0; j < 3; ++j)
         acc[3 * i + j] = at::vec::fmadd(g, Vec::loadu(rows[i] + off + j * P), acc[3 * i + j]);
   }
+
+  // The same for the four output pixels wo..wo+3 (g[k] of pixel wo+k), each input vector loaded
+  // once per row as in z4.
+  inline void wgrad4(int64_t wo, int64_t c0, const Vec* g, Vec* acc) const {
+    const int64_t off = offset(wo, c0);
+    for (int i = 0; i < 3; ++i) {
+      const Acc* p = rows[i] + off;
+      for (int col = 0; col < 3 * S + 3; ++col) {
+        const Vec v = Vec::loadu(p + col * P);
+        for (int k = 0; k < 4; ++k) {
+          const int j = col - k * S;
+          if (j >= 0 && j < 3) acc[3 * i + j] = at::vec::fmadd(g[k], v, acc[3 * i + j]);
+        }
+      }
+    }
+  }
+
+  // acc += wgrad of the outputs [begin, end), g(wo) at g + wo * gP: four at a time, then
+  // singly.
+  inline void wgrad_range(int64_t begin, int64_t end, int64_t c0, const Acc* g, int64_t gP,
+                          Vec* acc) const {
+    int64_t wo = begin;
+    for (; wo + 3 < end; wo += 4) {
+      const Vec gs[4] = {Vec::loadu(g + wo * gP), Vec::loadu(g + (wo + 1) * gP),
+                         Vec::loadu(g + (wo + 2) * gP), Vec::loadu(g + (wo + 3) * gP)};
+      wgrad4(wo, c0, gs, acc);
+    }
+    for (; wo < end; ++wo) wgrad(wo, c0, Vec::loadu(g + wo * gP), acc);
+  }
 };
 
 template <typename T, int S>
@@ -573,19 +602,31 @@ class NhwcInPlace {
   // Outputs [1, interior_end()) are interior; 0 and [max(1, interior_end()), Wo) are borders.
   int64_t interior_end() const { return interior_end_; }
 
-  // z of border output wo for channels [c0, c0 + kV), the taps outside the image skipped.
-  Vec edge(int64_t wo, int64_t c0, const T* wt, int64_t Cp) const {
+  // f(t, x[row i][wo - 1 + j, c0 : c0 + kV]) for each tap t = 3i + j of border output wo that
+  // lies inside the image.
+  template <class F>
+  inline void edge_taps(int64_t wo, int64_t c0, F&& f) const {
     const int64_t col0 = wo - 1;
     const int jlo = col0 < 0 ? 1 : 0;
     const int jhi = static_cast<int>(std::min<int64_t>(3, W_ - col0));
-    Vec acc(0);
     for (int i = 0; i < 3; ++i) {
       if (!xr_[i]) continue;
-      for (int j = jlo; j < jhi; ++j)
-        acc = at::vec::fmadd(Vec::loadu(xr_[i] + (col0 + j) * C_ + c0),
-                             Vec::loadu(wt + (3 * i + j) * Cp + c0), acc);
+      for (int j = jlo; j < jhi; ++j) f(3 * i + j, Vec::loadu(xr_[i] + (col0 + j) * C_ + c0));
     }
+  }
+
+  // z of border output wo for channels [c0, c0 + kV), the taps outside the image skipped.
+  Vec edge(int64_t wo, int64_t c0, const T* wt, int64_t Cp) const {
+    Vec acc(0);
+    edge_taps(wo, c0, [&](int t, const Vec& v) {
+      acc = at::vec::fmadd(v, Vec::loadu(wt + t * Cp + c0), acc);
+    });
     return acc;
+  }
+
+  // acc[t] += g * (input under tap t) for border output wo: its weight-gradient taps.
+  void edge_wgrad(int64_t wo, int64_t c0, const Vec& g, Vec* acc) const {
+    edge_taps(wo, c0, [&](int t, const Vec& v) { acc[t] = at::vec::fmadd(g, v, acc[t]); });
   }
 
   // Prefetch the input columns of output columns [wa, wb) in the row new to this output row
@@ -605,6 +646,64 @@ class NhwcInPlace {
 // rows of a tile stay in L1 while each channel block sweeps the tile with its taps in registers.
 inline int64_t nhwc_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
   return std::max<int64_t>(8, 16384 / (3 * S * P * acc_bytes));
+}
+
+// The backward kernels (dw_bwd_reduce, dw_bwd) read two more streams (grad_y, y) and, in
+// dw_bwd, write g_conv rows, and their per-tile overheads are larger; their tiles are 8x
+// wider (the input rows in L2, not L1). Measured on the dev host (fp32, channels_last, batch
+// 8, x from memory), against the forward's tiles: 56x56x128 s1 reduce 3.1 -> 2.15 ms and
+// backward 4.9 -> 3.3 ms, 28x28x256 s1 1.63 -> 1.12 and 2.33 -> 1.84, 56x56x128 s2 1.36 -> 0.98
+// and 2.26 -> 1.94; whole rows (wider still) no better; 112-wide 32-channel rows unchanged.
+inline int64_t nhwc_bwd_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
+  return std::max<int64_t>(8, 131072 / (3 * S * P * acc_bytes));
+}
+
+// One column tile [wa, wb) of an output row, for code written once over both NHWC row sources
+// (the ring, NhwcRows, and the in-place rows, NhwcInPlace; cv = the source's taps of the row,
+// w = the nine tap vectors of channels [c0, c0 + kV), wt/Cp the [9][Cp] taps they came from).
+//   tile_ready(src, wa, wb, WB): before the tile (ring: convert its columns; in place: prefetch
+//     the next tile's).
+//   tile_z(src, cv, wa, wb, c0, w, wt, Cp, f): f(wo, z(wo)) for every output of the tile (in
+//     place: the interior ones swept, the border ones through edge()).
+//   tile_wgrad(src, cv, wa, wb, c0, g, P, acc): acc[t] += g(wo) * tap t's input, with g(wo) at
+//     g + wo * P, for every output of the tile.
+template <typename T, int S>
+inline void tile_ready(NhwcRows<T, S>& src, int64_t, int64_t wb, int64_t) {
+  src.ready(wb);
+}
+template <typename T, int S>
+inline void tile_ready(NhwcInPlace<T, S>& src, int64_t, int64_t wb, int64_t WB) {
+  src.prefetch(wb, std::min(src.interior_end(), wb + WB));
+}
+
+template <typename T, int S, typename Acc, typename Vec, class F>
+inline void tile_z(const NhwcRows<T, S>&, const NhwcTaps<Acc, S>& cv, int64_t wa, int64_t wb,
+                   int64_t c0, const Vec* w, const Acc*, int64_t, F&& f) {
+  cv.sweep(wa, wb, c0, w, f);
+}
+template <typename T, int S, typename Vec, class F>
+inline void tile_z(const NhwcInPlace<T, S>& src, const NhwcTaps<T, S>& cv, int64_t wa, int64_t wb,
+                   int64_t c0, const Vec* w, const T* wt, int64_t Cp, F&& f) {
+  const int64_t ia = std::max<int64_t>(wa, 1), ib = std::min(wb, src.interior_end());
+  for (int64_t wo = wa; wo < std::min(ia, wb); ++wo) f(wo, src.edge(wo, c0, wt, Cp));
+  if (ia < ib) cv.sweep(ia, ib, c0, w, f);
+  for (int64_t wo = std::max(ia, ib); wo < wb; ++wo) f(wo, src.edge(wo, c0, wt, Cp));
+}
+
+template <typename T, int S, typename Acc, typename Vec>
+inline void tile_wgrad(const NhwcRows<T, S>&, const NhwcTaps<Acc, S>& cv, int64_t wa, int64_t wb,
+                       int64_t c0, const Acc* g, int64_t P, Vec* acc) {
+  cv.wgrad_range(wa, wb, c0, g, P, acc);
+}
+template <typename T, int S, typename Vec>
+inline void tile_wgrad(const NhwcInPlace<T, S>& src, const NhwcTaps<T, S>& cv, int64_t wa,
+                       int64_t wb, int64_t c0, const T* g, int64_t P, Vec* acc) {
+  const int64_t ia = std::max<int64_t>(wa, 1), ib = std::min(wb, src.interior_end());
+  for (int64_t wo = wa; wo < std::min(ia, wb); ++wo)
+    src.edge_wgrad(wo, c0, Vec::loadu(g + wo * P), acc);
+  if (ia < ib) cv.wgrad_range(ia, ib, c0, g, P, acc);
+  for (int64_t wo = std::max(ia, ib); wo < wb; ++wo)
+    src.edge_wgrad(wo, c0, Vec::loadu(g + wo * P), acc);
 }
 
 // ---------------------------------------------------------------------------------------------
