@@ -38,7 +38,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
   const int64_t rows = s.N * s.Ho;
   const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
   const int64_t nchunks = ceil_div(rows, G);
-  const int64_t WB = nhwc_bwd_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  const int64_t WB = nhwc_wide_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
   std::vector<Acc> p1(nchunks * Cp), p2(nchunks * Cp);
   // The chunks' rows from either row source (tile_z).
   auto chunks = [&](auto& src, int64_t cb, int64_t ce) {
@@ -218,7 +218,7 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
   const int64_t P = pixel_stride<Acc>(C), RW = pad_stride<Acc>((s.Wo + 2) * P);
   const int64_t bands = ceil_div(s.Ho, dw_bwd_band_rows(s.Wo, C));
   const int64_t nchunks = s.N * bands;
-  const int64_t WB = nhwc_bwd_col_tile(P, S, sizeof(Acc));
+  const int64_t WB = nhwc_wide_col_tile(P, S, sizeof(Acc));
   std::vector<Acc> pw(nchunks * 9 * Cp);
 
   // g_conv of output row (n, ho) into grow (pixel wo at grow + (wo + 1) * P); when kw is given,

@@ -648,13 +648,15 @@ inline int64_t nhwc_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
   return std::max<int64_t>(8, 16384 / (3 * S * P * acc_bytes));
 }
 
-// The backward kernels (dw_bwd_reduce, dw_bwd) read two more streams (grad_y, y) and, in
-// dw_bwd, write g_conv rows, and their per-tile overheads are larger; their tiles are 8x
-// wider (the input rows in L2, not L1). Measured on the dev host (fp32, channels_last, batch
-// 8, x from memory), against the forward's tiles: 56x56x128 s1 reduce 3.1 -> 2.15 ms and
-// backward 4.9 -> 3.3 ms, 28x28x256 s1 1.63 -> 1.12 and 2.33 -> 1.84, 56x56x128 s2 1.36 -> 0.98
-// and 2.26 -> 1.94; whole rows (wider still) no better; 112-wide 32-channel rows unchanged.
-inline int64_t nhwc_bwd_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
+// Tiles 8x wider (the input rows in L2, not L1) for the kernels whose per-tile overheads are
+// larger: the statistics (a moment merge per tile and channel block), the backward reduction
+// and the backward (two more input streams, grad_y and y, and g_conv rows written). Measured on
+// the dev host (fp32, channels_last, batch 8, x from memory), against the forward's tiles:
+// 56x56x128 s1 statistics 1.9 -> 1.0 ms, reduction 3.1 -> 2.15 ms, backward 4.9 -> 3.3 ms;
+// 28x28x256 s1 0.74-0.9 -> 0.53-0.59, 1.63 -> 1.12 and 2.33 -> 1.84; 56x56x128 s2 backward
+// 2.26 -> 1.94; whole rows (wider still) no better; 112-wide 32-channel rows unchanged. The
+// forward itself was neutral either way and keeps the narrow tiles.
+inline int64_t nhwc_wide_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
   return std::max<int64_t>(8, 131072 / (3 * S * P * acc_bytes));
 }
 

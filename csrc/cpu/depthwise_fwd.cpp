@@ -165,7 +165,7 @@ void nhwc_row_moments_in_place(NhwcInPlace<T, S>& src, int64_t n, int64_t ho, do
   using Vec = Vectorized<T>;
   constexpr int64_t kV = Vec::size();
   const int64_t C = s.C;
-  const int64_t WB = nhwc_col_tile(C, S, sizeof(T));
+  const int64_t WB = nhwc_wide_col_tile(C, S, sizeof(T));
   const auto cv = src.taps(n, ho);
   const int64_t ie = src.interior_end();
   for (int64_t wa = 0; wa < s.Wo; wa += WB) {
@@ -203,7 +203,7 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
   const int64_t rows = s.N * s.Ho;
   const int64_t G = nhwc_rows_per_chunk(s.Wo, C);
   const int64_t nchunks = ceil_div(rows, G);
-  const int64_t WB = nhwc_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
+  const int64_t WB = nhwc_wide_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
   // Per chunk: mean and M2 per channel (Acc); the count is known from the chunk's row range.
   std::vector<Acc> cmean(nchunks * Cp), cm2(nchunks * Cp);
   at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
