@@ -299,19 +299,35 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
         continue;
       }
       for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
-      for (int64_t col = 0; col < s.W; ++col) {
-        Vec v(0);
-        for (int q = 0; q < nr; ++q) {
-          const Acc* g = gr[q] + c0;
-          const Vec* wr = w + 3 * ki[q];
-          if (col % 2 == 0) {
-            v = at::vec::fmadd(Vec::loadu(g + (col / 2 + 1) * P), wr[1], v);
-          } else {
-            v = at::vec::fmadd(Vec::loadu(g + ((col + 1) / 2 + 1) * P), wr[0], v);
-            v = at::vec::fmadd(Vec::loadu(g + ((col - 1) / 2 + 1) * P), wr[2], v);
-          }
+      // Column 2m takes tap j = 1 of g_conv column m, column 2m + 1 taps j = 2 of column m and
+      // j = 0 of column m + 1 (padded pixels m + 1 and m + 2): the columns go in pairs, each
+      // g_conv vector loaded once; nr (1 for even h, 2 for odd) fixed at compile time.
+      auto pairs = [&](auto nr_c) {
+        constexpr int NR = decltype(nr_c)::value;
+        const Acc* g[NR];
+        const Vec* wr[NR];
+        Vec a[NR];
+        for (int q = 0; q < NR; ++q) {
+          g[q] = gr[q] + c0;
+          wr[q] = w + 3 * ki[q];
+          a[q] = Vec::loadu(g[q] + P);
         }
-        put(col, v);
+        for (int64_t m = 0; 2 * m < s.W; ++m) {
+          Vec ev(0), od(0);
+          for (int q = 0; q < NR; ++q) {
+            const Vec b = Vec::loadu(g[q] + (m + 2) * P);
+            ev = at::vec::fmadd(a[q], wr[q][1], ev);
+            od = at::vec::fmadd(b, wr[q][0], at::vec::fmadd(a[q], wr[q][2], od));
+            a[q] = b;
+          }
+          put(2 * m, ev);
+          if (2 * m + 1 < s.W) put(2 * m + 1, od);
+        }
+      };
+      if (nr == 1) {
+        pairs(std::integral_constant<int, 1>{});
+      } else {
+        pairs(std::integral_constant<int, 2>{});
       }
     }
   };
