@@ -73,17 +73,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
     };
     for_chunk_rows(cb, ce, G, rows, Cp, p1.data(), p2.data(), row);
   };
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    if constexpr (S == 1 && std::is_same_v<T, Acc>) {
-      if (nhwc_in_place<T, S>(s)) {
-        NhwcInPlace<T, S> src(x, s);
-        chunks(src, cb, ce);
-        return;
-      }
-    }
-    NhwcRows<T, S> src(x, s);
-    chunks(src, cb, ce);
-  });
+  parallel_nhwc_rows<T, S>(x, s, nchunks, chunks);
   for (int64_t c = 0; c < C; ++c) {
     double s1 = 0, s2 = 0;
     for (int64_t k = 0; k < nchunks; ++k) {
@@ -356,17 +346,7 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
       if (ho1 == s.Ho) emit(n, s.Ho - 1);
     }
   };
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    if constexpr (S == 1 && std::is_same_v<T, Acc>) {
-      if (nhwc_in_place<T, S>(s)) {
-        NhwcInPlace<T, S> src(x, s);
-        run_bands(src, cb, ce);
-        return;
-      }
-    }
-    NhwcRows<T, S> src(x, s);
-    run_bands(src, cb, ce);
-  });
+  parallel_nhwc_rows<T, S>(x, s, nchunks, run_bands);
 
   for (int64_t c = 0; c < C; ++c)
     for (int t = 0; t < 9; ++t) {

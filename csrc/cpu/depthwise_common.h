@@ -660,6 +660,23 @@ inline int64_t nhwc_wide_col_tile(int64_t P, int64_t S, int64_t acc_bytes) {
   return std::max<int64_t>(8, 131072 / (3 * S * P * acc_bytes));
 }
 
+// f(src, cb, ce) for the chunks [cb, ce) of [0, nchunks), in parallel, src the task's NHWC row
+// source: the rows in place where nhwc_in_place allows, else the ring.
+template <typename T, int S, class F>
+inline void parallel_nhwc_rows(const T* x, const DwShape& s, int64_t nchunks, F&& f) {
+  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+    if constexpr (S == 1 && std::is_same_v<T, typename AccOf<T>::type>) {
+      if (nhwc_in_place<T, S>(s)) {
+        NhwcInPlace<T, S> src(x, s);
+        f(src, cb, ce);
+        return;
+      }
+    }
+    NhwcRows<T, S> src(x, s);
+    f(src, cb, ce);
+  });
+}
+
 // One column tile [wa, wb) of an output row, for code written once over both NHWC row sources
 // (the ring, NhwcRows, and the in-place rows, NhwcInPlace; cv = the source's taps of the row,
 // w = the nine tap vectors of channels [c0, c0 + kV), wt/Cp the [9][Cp] taps they came from).
