@@ -932,6 +932,16 @@ class FlatPlane {
     }
   }
 
+  // acc[3i+j] += g * (the input under tap (i, j)) for flat outputs [q, q + kV): the
+  // weight-gradient taps (stride 1).
+  inline void wgrad(int64_t q, const Vec& g, Vec* acc) const {
+    static_assert(S == 1, "flat weight-gradient taps are stride 1 only");
+    const Acc* b = buf_.data() + q;
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j)
+        acc[3 * i + j] = at::vec::fmadd(g, Vec::loadu(b + i * L_ + j), acc[3 * i + j]);
+  }
+
   // Copy an output-shaped plane (Ho x Wo) into flat layout dst (junk entries untouched).
   void to_flat(const T* plane, Acc* dst) const {
     for (int64_t ho = 0; ho < Ho_; ++ho) convert_to_acc<T>(plane + ho * Wo_, dst + ho * L_, Wo_);
