@@ -85,6 +85,18 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
   }
 }
 
+// Plane p (= n * C + c) for the flat NCHW backward kernels: x into fp, grad_y and y into the
+// flat buffers gf and yf (their junk entries untouched), channel c's nine taps broadcast into w.
+template <typename T, int S, typename Acc>
+inline void flat_plane_inputs(FlatPlane<T, S>& fp, const T* gy, const T* y, const T* x, const T* wp,
+                              int64_t p, const DwShape& s, Acc* gf, Acc* yf, Vectorized<Acc>* w) {
+  const int64_t c = p % s.C, HWo = s.Ho * s.Wo;
+  fp.load(x + p * s.H * s.W);
+  fp.to_flat(gy + p * HWo, gf);
+  fp.to_flat(y + p * HWo, yf);
+  for (int t = 0; t < 9; ++t) w[t] = Vectorized<Acc>(static_cast<Acc>(wp[c * 9 + t]));
+}
+
 template <typename T, int S, int kAct>
 void dw_bwd_reduce_nchw(const T* gy, const T* y, const T* x, const at::Tensor& weight,
                         const at::Tensor& mean, const at::Tensor& invstd, double* out1,
@@ -106,11 +118,8 @@ void dw_bwd_reduce_nchw(const T* gy, const T* y, const T* x, const at::Tensor& w
       std::vector<Acc> gf(fp.flat_len(), Acc(0)), yf(fp.flat_len(), Acc(0));
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % s.C;
-        fp.load(x + p * HW);
-        fp.to_flat(gy + p * HWo, gf.data());
-        fp.to_flat(y + p * HWo, yf.data());
         Vec w[9];
-        for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+        flat_plane_inputs(fp, gy, y, x, wp, p, s, gf.data(), yf.data(), w);
         const Vec m(mup[c]), iv(isp[c]);
         Vec a1(0), a2(0);
         for (int64_t q = 0; q < fp.count(); q += kV) {
@@ -400,11 +409,8 @@ void dw_bwd_nchw_flat(const T* gy, const T* y, const T* x, const T* wp,
     Acc* g0 = gpad.data() + L + 1;  // g_conv of flat output q at g0[q]
     for (int64_t p = begin; p < end; ++p) {
       const int64_t c = p % s.C;
-      fp.load(x + p * HW);
-      fp.to_flat(gy + p * HW, gf.data());
-      fp.to_flat(y + p * HW, yf.data());
       Vec w[9];
-      for (int t = 0; t < 9; ++t) w[t] = Vec(static_cast<Acc>(wp[c * 9 + t]));
+      flat_plane_inputs(fp, gy, y, x, wp, p, s, gf.data(), yf.data(), w);
       const Vec kv(kp[c]), bv(bp[c]), cv(cp[c]);
       Vec acc[9];
       for (int t = 0; t < 9; ++t) acc[t] = Vec(0);
