@@ -156,41 +156,6 @@ void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
 // ---------------------------------------------------------------------------------------------
 // dw_stats
 
-// Moments of output row ho of image n with the rows read in place (nhwc_in_place), merged
-// into the chunk's (km, k2; na0 outputs merged before this row): the column tiles and shifted
-// sums of the ring loop in dw_stats_nhwc, the border outputs through edge().
-template <typename T, int S>
-void nhwc_row_moments_in_place(NhwcInPlace<T, S>& src, int64_t n, int64_t ho, double na0,
-                               const std::vector<T>& wt, const DwShape& s, T* km, T* k2) {
-  using Vec = Vectorized<T>;
-  constexpr int64_t kV = Vec::size();
-  const int64_t C = s.C;
-  const int64_t WB = nhwc_wide_col_tile(C, S, sizeof(T));
-  const auto cv = src.taps(n, ho);
-  const int64_t ie = src.interior_end();
-  for (int64_t wa = 0; wa < s.Wo; wa += WB) {
-    const int64_t wb = std::min(s.Wo, wa + WB);
-    const int64_t ia = std::max<int64_t>(wa + 1, 1), ib = std::min(wb, ie);
-    src.prefetch(wb, std::min(ie, wb + WB));
-    for (int64_t c0 = 0; c0 < C; c0 += kV) {
-      Vec w[9];
-      for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * C + c0);
-      const Vec K = (wa == 0 || wa >= ie) ? src.edge(wa, c0, wt.data(), C) : cv.z(wa, c0, w);
-      Vec s1(0), s2(0);
-      auto add = [&](int64_t, const Vec& z) {
-        const Vec d = z - K;
-        s1 = s1 + d;
-        s2 = at::vec::fmadd(d, d, s2);
-      };
-      if (ia < ib) cv.sweep(ia, ib, c0, w, add);
-      for (int64_t wo = std::max(wa + 1, ie); wo < wb; ++wo)
-        add(wo, src.edge(wo, c0, wt.data(), C));
-      merge_shifted_sums(km, k2, c0, K, s1, s2, na0 + static_cast<double>(wa),
-                         static_cast<double>(wb - wa));
-    }
-  }
-}
-
 template <typename T, int S>
 void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* var,
                    const DwShape& s) {
@@ -206,33 +171,22 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
   const int64_t WB = nhwc_wide_col_tile(pixel_stride<Acc>(C), S, sizeof(Acc));
   // Per chunk: mean and M2 per channel (Acc); the count is known from the chunk's row range.
   std::vector<Acc> cmean(nchunks * Cp), cm2(nchunks * Cp);
-  at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
-    if constexpr (S == 1 && std::is_same_v<T, Acc>) {
-      if (nhwc_in_place<T, S>(s)) {
-        NhwcInPlace<T, S> src(x, s);
-        auto row = [&](int64_t r, int64_t r0, Acc* km, Acc* k2) {
-          nhwc_row_moments_in_place<T, S>(src, r / s.Ho, r % s.Ho,
-                                          static_cast<double>((r - r0) * s.Wo), wt, s, km, k2);
-        };
-        for_chunk_rows(cb, ce, G, rows, Cp, cmean.data(), cm2.data(), row);
-        return;
-      }
-    }
-    NhwcRows<T, S> ring(x, s);
+  // The chunks' rows from either row source (tile_z): per column tile, (count, mean, M2)
+  // merged into the chunk's moments. Padded channel lanes compute z = 0 and are never read back.
+  auto chunks = [&](auto& src, int64_t cb, int64_t ce) {
     auto row = [&](int64_t r, int64_t r0, Acc* km, Acc* k2) {
-      const auto cv = ring.taps(r / s.Ho, r % s.Ho);
+      const auto cv = src.taps(r / s.Ho, r % s.Ho);
       for (int64_t wa = 0; wa < s.Wo; wa += WB) {
         const int64_t wb = std::min(s.Wo, wa + WB);
-        // (count, mean, M2) of the tile, merged into the chunk's moments.
-        // Padded channel lanes compute z = 0 and are never read back.
-        ring.ready(wb);
+        tile_ready(src, wa, wb, WB);
         for (int64_t c0 = 0; c0 < C; c0 += kV) {
           Vec w[9];
           for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
           // Sums shifted by the tile's first value (merge_shifted_sums).
-          const Vec K = cv.z(wa, c0, w);
+          Vec K;
+          tile_z(src, cv, wa, wa + 1, c0, w, wt.data(), Cp, [&](int64_t, const Vec& z) { K = z; });
           Vec s1(0), s2(0);
-          cv.sweep(wa + 1, wb, c0, w, [&](int64_t, const Vec& z) {
+          tile_z(src, cv, wa + 1, wb, c0, w, wt.data(), Cp, [&](int64_t, const Vec& z) {
             const Vec d = z - K;
             s1 = s1 + d;
             s2 = at::vec::fmadd(d, d, s2);
@@ -243,7 +197,8 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
       }
     };
     for_chunk_rows(cb, ce, G, rows, Cp, cmean.data(), cm2.data(), row);
-  });
+  };
+  parallel_nhwc_rows<T, S>(x, s, nchunks, chunks);
   at::parallel_for(0, C, 64, [&](int64_t c_begin, int64_t c_end) {
     for (int64_t c = c_begin; c < c_end; ++c) {
       Moments m;
