@@ -28,24 +28,29 @@ void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std:
   constexpr int64_t kV = Vec::size();
   const int64_t C = s.C;
   const int64_t WB = nhwc_col_tile(C, S, sizeof(T));
+  // Per channel block: the nine taps, scale, shift (sweep_pixels).
+  const std::vector<T> consts = block_constants<T>(wt, C, C, {sc.data(), sh.data()});
   at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
     NhwcInPlace<T, S> src(x, s);
     for (int64_t r = begin; r < end; ++r) {
       const auto cv = src.taps(r / s.Ho, r % s.Ho);
-      T* yr = y + r * s.Wo * C;
-      auto out = [&](int64_t wo, int64_t c0, const Vec& z) {
-        const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
+      T* const yr = y + r * s.Wo * C;
+      // Captured by value: through references, the pointers were reloaded after every store.
+      auto out = [yr, C](int64_t wo, int64_t c0, const Vec& z, const T* kb) {
+        const Vec a = Vec::loadu(kb + 9 * Vec::size()), b = Vec::loadu(kb + 10 * Vec::size());
         act_vec<kAct>(at::vec::fmadd(z, a, b)).store(yr + wo * C + c0);
       };
       auto border = [&](int64_t wo) {
-        for (int64_t c0 = 0; c0 < C; c0 += kV) out(wo, c0, src.edge(wo, c0, wt.data(), C));
+        const T* kb = consts.data();
+        for (int64_t c0 = 0; c0 < C; c0 += kV, kb += 11 * kV)
+          out(wo, c0, src.edge(wo, c0, wt.data(), C), kb);
       };
       const int64_t ie = src.interior_end();
       border(0);
       for (int64_t wa = 1; wa < ie; wa += WB) {
         const int64_t wb = std::min(ie, wa + WB);
         src.prefetch(wb, std::min(ie, wb + WB));
-        cv.sweep_pixels(wa, wb, C, wt.data(), C, out);
+        cv.sweep_pixels(wa, wb, C, consts.data(), 11, out);
       }
       for (int64_t wo = ie; wo < s.Wo; ++wo) border(wo);
     }
