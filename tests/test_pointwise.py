@@ -61,27 +61,20 @@ def test_inference_without_grad_and_no_affine(backend, device, training):
     )
 
 
-@pytest.mark.parametrize(
-    ("mkldnn", "postop"),
-    [(True, True), (True, False), (False, True)],
-    ids=["onednn-postop", "onednn-inplace-act", "no-onednn"],
-)
+@pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "no-onednn"])
 @pytest.mark.parametrize(
     ("layout", "hw"), [("contiguous", (5, 6)), ("contiguous", (28, 29)), ("channels_last", (5, 6))]
 )
-def test_cpu_forward_paths(mkldnn, postop, layout, hw, monkeypatch):
+def test_cpu_forward_paths(mkldnn, layout, hw):
     """The CPU pw_fwd and pw_fwd_stats have two fp32 paths: oneDNN's convolution (on BN-folded
-    weights in inference, the activation as its post-op, or, where torch lacks that op or
-    DWSEP_CPU_PW_POSTOP=0, applied in place after it; z, then the per-block statistics of z, in
-    training) for channels_last and NCHW planes under 28x28, and block-wise sgemm + fused
-    epilogue (NCHW planes from 28x28, and whenever oneDNN is disabled). Each against the oracle,
-    every activation, inference and training (batch statistics, running statistics, every
-    gradient), outputs on both sides of ReLU6's kinks."""
+    weights in inference; z, then the per-block statistics of z, in training) for channels_last
+    and NCHW planes under 28x28, and block-wise sgemm + fused epilogue (NCHW planes from 28x28,
+    and whenever oneDNN is disabled). Both against the oracle, every activation, inference and
+    training (batch statistics, running statistics, every gradient), outputs on both sides of
+    ReLU6's kinks."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
-    if not postop:
-        monkeypatch.setenv("DWSEP_CPU_PW_POSTOP", "0")
     saved = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = mkldnn
     try:

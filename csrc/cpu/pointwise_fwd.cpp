@@ -17,16 +17,12 @@
 #include <torch/library.h>
 
 #include <ATen/Context.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/unsqueeze.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
-
-#include <cstdlib>
-#include <cstring>
 
 #include "cpu/depthwise_common.h"
 
@@ -188,62 +184,27 @@ void pw_forward(const T* x, const at::Tensor& wa, const typename AccOf<T>::type*
 // ---------------------------------------------------------------------------------------------
 // oneDNN path (fp32 inference). Where oneDNN's 1x1 convolution beats block-wise sgemm, the BN is
 // folded into the weights (W' = scale * W, one small pass over Cout x Cin) and the shift becomes
-// the convolution's bias, and the activation is the primitive's post-op (conv_act_onednn), so
-// the whole op is one oneDNN primitive and one pass over y instead of eager's three passes.
-// Measured on the 2-core EPYC dev host (fp32, batch 8, MobileNetV1-1.0 shapes, bench/NOTES.md):
-// oneDNN wins every channels_last layer and the NCHW layers with small planes (14x14, 7x7), where a
-// per-image sgemm has a short N; block-wise sgemm wins the NCHW layers with large planes (28x28 and
-// up), where oneDNN reorders the NCHW input (re-measured with the post-op on an AVX2 EPYC host,
-// session 8: 112x112 32->64 10.2 vs 11.4 ms, 56x56 128->128 13.7 vs 14.8, 28x28 256->256 12.7
-// vs 13.0).
+// the convolution's bias, so the GEMM, the BN and (with the in-place activation on the result,
+// vectorized by ATen) the whole op take one oneDNN primitive plus one pass over y instead of
+// eager's three passes. Measured on the 2-core EPYC dev host (fp32, batch 8, MobileNetV1-1.0
+// shapes, bench/NOTES.md): oneDNN wins every channels_last layer and the NCHW layers with small
+// planes (14x14, 7x7), where a per-image sgemm has a short N; block-wise sgemm wins the NCHW
+// layers with large planes (28x28 and up), where oneDNN reorders the NCHW input.
 bool use_onednn(const PwShape& s, at::ScalarType dtype) {
   if (dtype != at::kFloat || !at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn())
     return false;
   return s.nhwc || s.HW < kOnednnMaxNchwPlane;
 }
 
-// y = act(conv2d(x, w, b)) as one oneDNN convolution with the activation as its post-op: the
-// mkldnn::_convolution_pointwise op that torch registers for inductor's CPU backend (the same
-// oneDNN primitive as conv2d's, plus an eltwise post-op applied to each output block while it
-// is in cache). An undefined tensor when this torch build does not register the op, or with
-// DWSEP_CPU_PW_POSTOP=0 (A/B runs and the test of the fallback: conv2d, then the activation in
-// place). Measured on the 2-core dev host, channels_last, batch 8: the nine MobileNetV1 shapes
-// 79.7 -> 74.4 ms (112x112 32->64: 8.1 -> 6.3 ms), model inference 1-3% (bench/NOTES.md).
-at::Tensor conv_act_onednn(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                           int64_t act) {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
-  if (!op.has_value() || !op->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return {};
-  const char* env = std::getenv("DWSEP_CPU_PW_POSTOP");
-  if (env != nullptr && std::strcmp(env, "0") == 0) return {};
-  c10::List<std::optional<at::Scalar>> scalars;
-  const char* attr = "none";
-  if (act == kActRelu) {
-    attr = "relu";
-  } else if (act == kActRelu6) {
-    attr = "hardtanh";
-    scalars.push_back(at::Scalar(0.0));
-    scalars.push_back(at::Scalar(6.0));
-  }
-  const std::vector<int64_t> zeros{0, 0}, ones{1, 1};
-  torch::jit::Stack stack{
-      x, w, b, zeros, ones, ones, int64_t(1), std::string(attr), scalars, c10::IValue()};
-  op->callBoxed(&stack);
-  return stack.at(0).toTensor();
-}
-
 at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                          const at::Tensor& shift, int64_t act, const PwShape& s) {
   at::NoGradGuard no_grad;
   const at::Tensor wf = at::mul(weight, scale.unsqueeze(1)).view({s.Cout, s.Cin, 1, 1});
-  at::Tensor y = conv_act_onednn(x, wf, shift, act);
-  if (!y.defined()) {
-    y = at::conv2d(x, wf, shift);
-    if (act == kActRelu) {
-      y.relu_();
-    } else if (act == kActRelu6) {
-      y.clamp_(0, 6);
-    }
+  at::Tensor y = at::conv2d(x, wf, shift);
+  if (act == kActRelu) {
+    y.relu_();
+  } else if (act == kActRelu6) {
+    y.clamp_(0, 6);
   }
   const auto fmt = memory_format(s.nhwc);
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
