@@ -273,17 +273,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pw_fwd_stats_cpu(const at::Tensor
                                                                 const at::Tensor& weight) {
   constexpr const char* op = "pw_fwd_stats";
   const PwShape s = check_pw_input(op, x, weight);
-  at::Tensor z = new_output({s.N, s.Cout, s.H, s.W}, x.options(), memory_format(s.nhwc));
   const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
   at::Tensor mean = new_output({s.Cout}, vopts);
   at::Tensor var = new_output({s.Cout}, vopts);
-  if (z.numel() == 0) {  // no samples: mean 0, var 0
+  const bool onednn = s.N * s.HW * s.Cout > 0 && use_onednn(s, x.scalar_type());
+  // The oneDNN path returns its own z; allocate one here only for the block-wise path.
+  at::Tensor z = onednn ? at::Tensor()
+                        : new_output({s.N, s.Cout, s.H, s.W}, x.options(), memory_format(s.nhwc));
+  if (!onednn && z.numel() == 0) {  // no samples: mean 0, var 0
     mean.zero_();
     var.zero_();
     return {z, mean, var};
   }
   const PwBlocks B(s);
-  const bool onednn = use_onednn(s, x.scalar_type());
   DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_pw_fwd_stats_cpu", [&] {
     using Acc = typename AccOf<scalar_t>::type;
     const int64_t Cp = round_up(s.Cout, VecIO<scalar_t>::kV);
