@@ -43,8 +43,8 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
   // C a multiple of the vector: pixel-major over per-block constants (taps, mean, invstd); the
   // same sums in the same order as the block-major loop below.
   const bool by_pixel = C % kV == 0;
-  const std::vector<Acc> consts =
-      by_pixel ? block_constants<Acc>(wt, Cp, C, {mu.data(), is.data()}) : std::vector<Acc>();
+  const auto consts =
+      by_pixel ? BlockConstants<Acc>(wt, Cp, C, {mu.data(), is.data()}) : BlockConstants<Acc>();
   // The chunks' rows from either row source (tile_z).
   auto chunks = [&](auto& src, int64_t cb, int64_t ce) {
     auto row = [&](int64_t r, int64_t, Acc* k1, Acc* k2) {
@@ -53,7 +53,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
       const T* yr = y + r * s.Wo * C;
       // Captured by value (see dw_fwd_nhwc_in_place); a group's sums stay in registers.
       auto sums = [gr, yr, k1, k2, C](int64_t wo, int64_t c0, const Vec* zs, int n, const Acc* kb) {
-        const Vec m = Vec::loadu(kb + 9 * Vec::size()), iv = Vec::loadu(kb + 10 * Vec::size());
+        const Vec m = BlockConstants<Acc>::extra(kb, 0), iv = BlockConstants<Acc>::extra(kb, 1);
         Vec a1 = Vec::loadu(k1 + c0), a2 = Vec::loadu(k2 + c0);
         for (int k = 0; k < n; ++k) {
           const int64_t o = (wo + k) * C + c0;
@@ -68,7 +68,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
         const int64_t wb = std::min(s.Wo, wa + WB);
         tile_ready(src, wa, wb, WB);
         if (by_pixel) {
-          tile_z_pixels(src, cv, wa, wb, C, consts.data(), 11, wt.data(), Cp, sums);
+          tile_z_pixels(src, cv, wa, wb, C, consts, wt.data(), Cp, sums);
           continue;
         }
         for (int64_t c0 = 0; c0 < C; c0 += kV) {
@@ -245,9 +245,8 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
   // constants (taps, k, b, c), then the tile's weight-gradient taps block by block: the same
   // arithmetic as the block-major loop below, without its register spills.
   const bool by_pixel = use_z && C % kV == 0;
-  const std::vector<Acc> consts =
-      by_pixel ? block_constants<Acc>(wt, Cp, C, {kk.data(), bb.data(), cc.data()})
-               : std::vector<Acc>();
+  const auto consts = by_pixel ? BlockConstants<Acc>(wt, Cp, C, {kk.data(), bb.data(), cc.data()})
+                               : BlockConstants<Acc>();
 
   // g_conv of output row (n, ho) into grow (pixel wo at grow + (wo + 1) * P); when kw is given,
   // its weight-gradient taps are added to kw ([9][Cp]).
@@ -259,8 +258,8 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
     Acc* g = grow + P;
     // Captured by value (see dw_fwd_nhwc_in_place).
     auto g_conv = [gr, yr, g, C, P](int64_t wo, int64_t c0, const Vec* zs, int n, const Acc* kb) {
-      const Vec kv = Vec::loadu(kb + 9 * Vec::size()), bv = Vec::loadu(kb + 10 * Vec::size()),
-                cvv = Vec::loadu(kb + 11 * Vec::size());
+      using K = BlockConstants<Acc>;
+      const Vec kv = K::extra(kb, 0), bv = K::extra(kb, 1), cvv = K::extra(kb, 2);
       for (int k = 0; k < n; ++k) {
         const int64_t o = (wo + k) * C + c0;
         const Vec gz = act_grad<kAct>(IO::load(gr + o), IO::load(yr + o));
@@ -271,7 +270,7 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
       const int64_t wb = std::min(s.Wo, wa + WB);
       tile_ready(src, wa, wb, WB);
       if (by_pixel) {
-        tile_z_pixels(src, cv, wa, wb, C, consts.data(), 12, wt.data(), Cp, g_conv);
+        tile_z_pixels(src, cv, wa, wb, C, consts, wt.data(), Cp, g_conv);
         for (int64_t c0 = 0; kw && c0 < C; c0 += kV) {
           Vec acc[9];
           for (int t = 0; t < 9; ++t) acc[t] = Vec::loadu(kw + t * Cp + c0);
@@ -318,8 +317,8 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
     std::copy(wt.data() + (8 - t) * Cp, wt.data() + (9 - t) * Cp, wflip.data() + t * Cp);
   // Stride 1 with C a multiple of the vector: the gather pixel-major too (grad_x written in
   // order, each pixel's channels one after another).
-  const std::vector<Acc> flip_consts =
-      S == 1 && C % kV == 0 ? block_constants<Acc>(wflip, Cp, C, {}) : std::vector<Acc>();
+  const auto flip_consts =
+      S == 1 && C % kV == 0 ? BlockConstants<Acc>(wflip, Cp, C, {}) : BlockConstants<Acc>();
   auto gather = [&](int64_t n, int64_t h, auto&& grow) {
     T* xr = gx + (n * s.H + h) * s.W * C;
     // (g_conv row, kernel row) pairs that reach input row h: g_conv row o uses input rows
@@ -335,12 +334,15 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
     NhwcTaps<Acc, 1> gt;
     gt.P = P;
     for (int i = 0; i < 3 && S == 1; ++i) gt.rows[i] = gr[2 - i];
-    if (!flip_consts.empty()) {
-      gt.sweep_pixel_groups(0, s.W, C, flip_consts.data(), 9,
-                            [xr, C](int64_t col, int64_t c0, const Vec* v, int n, const Acc*) {
-                              for (int k = 0; k < n; ++k) IO::store(xr + (col + k) * C + c0, v[k]);
-                            });
-      return;
+    if constexpr (S == 1) {
+      if (!flip_consts.empty()) {
+        gt.sweep_pixel_groups(0, s.W, C, flip_consts,
+                              [xr, C](int64_t col, int64_t c0, const Vec* v, int n, const Acc*) {
+                                for (int k = 0; k < n; ++k)
+                                  IO::store(xr + (col + k) * C + c0, v[k]);
+                              });
+        return;
+      }
     }
     for (int64_t c0 = 0; c0 < C; c0 += kV) {
       const int64_t cnt = std::min(kV, C - c0);

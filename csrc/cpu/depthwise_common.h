@@ -386,23 +386,36 @@ inline void conv4(const Acc* r0, const Acc* r1, const Acc* r2, int64_t P, const 
   for (int k = 0; k < 4; ++k) out[k] = a[k];
 }
 
-// The constants of each channel block, [C / kV][9 + extra.size()][kV]: its nine taps (from wt,
-// [9][Cp]), then the channel vectors of `extra` (e.g. scale and shift), for
-// NhwcTaps::sweep_pixel_groups. C a multiple of the vector.
+// The constants of each channel block, [C / kV][stride][kV]: its nine taps (from wt, [9][Cp]),
+// then the channel vectors of the extras (e.g. scale and shift), for
+// NhwcTaps::sweep_pixel_groups. C a multiple of the vector. Empty when default-constructed (the
+// callers' block-major fallbacks).
 template <typename Acc>
-inline std::vector<Acc> block_constants(const std::vector<Acc>& wt, int64_t Cp, int64_t C,
-                                        std::initializer_list<const Acc*> extra) {
-  constexpr int64_t kV = Vectorized<Acc>::size();
-  const int64_t ks = 9 + static_cast<int64_t>(extra.size());
-  std::vector<Acc> k(ks * C);
-  for (int64_t c0 = 0; c0 < C; c0 += kV) {
-    Acc* b = k.data() + ks * c0;
-    for (int t = 0; t < 9; ++t) std::copy_n(wt.data() + t * Cp + c0, kV, b + t * kV);
-    int e = 9;
-    for (const Acc* v : extra) std::copy_n(v + c0, kV, b + (e++) * kV);
+struct BlockConstants {
+  static constexpr int64_t kV = Vectorized<Acc>::size();
+  std::vector<Acc> data;
+  int64_t stride = 9;  // vectors per block
+
+  BlockConstants() = default;
+  BlockConstants(const std::vector<Acc>& wt, int64_t Cp, int64_t C,
+                 std::initializer_list<const Acc*> extra)
+      : data((9 + static_cast<int64_t>(extra.size())) * C),
+        stride(9 + static_cast<int64_t>(extra.size())) {
+    for (int64_t c0 = 0; c0 < C; c0 += kV) {
+      Acc* b = data.data() + stride * c0;
+      for (int t = 0; t < 9; ++t) std::copy_n(wt.data() + t * Cp + c0, kV, b + t * kV);
+      int e = 9;
+      for (const Acc* v : extra) std::copy_n(v + c0, kV, b + (e++) * kV);
+    }
   }
-  return k;
-}
+
+  bool empty() const { return data.empty(); }
+
+  // Extra e (0-based, in the constructor's order) of the block whose constants start at kb.
+  static Vectorized<Acc> extra(const Acc* kb, int e) {
+    return Vectorized<Acc>::loadu(kb + (9 + e) * kV);
+  }
+};
 
 template <typename Acc, int S>
 struct NhwcTaps {
@@ -447,18 +460,20 @@ struct NhwcTaps {
   // f(wo, c0, zs, n, kb) for the outputs [begin, end) and every channel block c0 of C (a
   // multiple of the vector), pixel-major: for each group of n outputs wo..wo+n-1 (n = 4, the
   // last < 4 one at a time), all channel blocks, with zs[k] = z(wo + k); consecutive calls of f
-  // cover whole output pixels in order. The constants of block c0 are at kb = consts +
-  // (c0 / kV) * kstride * kV ([C / kV][kstride][kV], block_constants): the nine taps, then the
-  // caller's own; one pointer walks them, three row pointers walk the inputs. (Written over
-  // [9][Cp] taps and the rows through this struct, GCC kept 18 column pointers and the taps'
-  // 9 on the stack: 30 instructions per output vector instead of 21. With the taps held in
-  // registers across the sweep, the backward's per-output work spilled them: 16 ymm registers
-  // on AVX2.)
+  // cover whole output pixels in order. The constants of block c0 are at kb = k.data +
+  // (c0 / kV) * k.stride * kV (BlockConstants): the nine taps, then the caller's own (read
+  // with BlockConstants::extra); one pointer walks them, three row pointers walk the inputs.
+  // (Written over [9][Cp] taps and the rows through this struct, GCC kept 18 column pointers and
+  // the taps' 9 on the stack: 30 instructions per output vector instead of 21. With the taps held
+  // in registers across the sweep, the backward's per-output work spilled them: 16 ymm registers on
+  // AVX2.)
   template <class F>
-  inline void sweep_pixel_groups(int64_t begin, int64_t end, int64_t C, const Acc* consts,
-                                 int64_t kstride, F&& f) const {
+  inline void sweep_pixel_groups(int64_t begin, int64_t end, int64_t C,
+                                 const BlockConstants<Acc>& k, F&& f) const {
     constexpr int64_t kV = Vec::size();
-    const int64_t step = kstride * kV, stride = P;
+    // Locals, so that the loops below do not reload them after f's stores.
+    const Acc* const consts = k.data.data();
+    const int64_t step = k.stride * kV, stride = P;
     int64_t wo = begin;
     for (; wo + 3 < end; wo += 4) {
       const int64_t off = offset(wo, 0);
@@ -724,8 +739,8 @@ inline void parallel_nhwc_rows(const T* x, const DwShape& s, int64_t nchunks, F&
 //     the next tile's).
 //   tile_z(src, cv, wa, wb, c0, w, wt, Cp, f): f(wo, z(wo)) for every output of the tile (in
 //     place: the interior ones swept, the border ones through edge()).
-//   tile_z_pixels(src, cv, wa, wb, C, consts, kstride, wt, Cp, f): the same for all channel
-//     blocks at once, pixel-major, the taps read from per-block constants (below).
+//   tile_z_pixels(src, cv, wa, wb, C, k, wt, Cp, f): the same for all channel blocks at once,
+//     pixel-major, the taps read from per-block constants k (BlockConstants).
 //   tile_wgrad(src, cv, wa, wb, c0, g, P, acc): acc[t] += g(wo) * tap t's input, with g(wo) at
 //     g + wo * P, for every output of the tile.
 template <typename T, int S>
@@ -751,30 +766,29 @@ inline void tile_z(const NhwcInPlace<T, S>& src, const NhwcTaps<T, S>& cv, int64
   for (int64_t wo = std::max(ia, ib); wo < wb; ++wo) f(wo, src.edge(wo, c0, wt, Cp));
 }
 
-// The same, pixel-major (NhwcTaps::sweep_pixel_groups; C a multiple of the vector, consts and
-// kstride as there): f(wo, c0, zs, n, kb) for every output of the tile and every channel block,
-// in place the border outputs one at a time through edge().
+// The same, pixel-major (NhwcTaps::sweep_pixel_groups; C a multiple of the vector, k the
+// per-block constants): f(wo, c0, zs, n, kb) for every output of the tile and every channel
+// block, in place the border outputs one at a time through edge().
 template <typename T, int S, typename Acc, class F>
 inline void tile_z_pixels(const NhwcRows<T, S>&, const NhwcTaps<Acc, S>& cv, int64_t wa, int64_t wb,
-                          int64_t C, const Acc* consts, int64_t kstride, const Acc*, int64_t,
-                          F&& f) {
-  cv.sweep_pixel_groups(wa, wb, C, consts, kstride, f);
+                          int64_t C, const BlockConstants<Acc>& k, const Acc*, int64_t, F&& f) {
+  cv.sweep_pixel_groups(wa, wb, C, k, f);
 }
 template <typename T, int S, class F>
 inline void tile_z_pixels(const NhwcInPlace<T, S>& src, const NhwcTaps<T, S>& cv, int64_t wa,
-                          int64_t wb, int64_t C, const T* consts, int64_t kstride, const T* wt,
+                          int64_t wb, int64_t C, const BlockConstants<T>& k, const T* wt,
                           int64_t Cp, F&& f) {
   constexpr int64_t kV = Vectorized<T>::size();
   auto border = [&](int64_t wo) {
-    const T* kb = consts;
-    for (int64_t c0 = 0; c0 < C; c0 += kV, kb += kstride * kV) {
+    const T* kb = k.data.data();
+    for (int64_t c0 = 0; c0 < C; c0 += kV, kb += k.stride * kV) {
       const Vectorized<T> z = src.edge(wo, c0, wt, Cp);
       f(wo, c0, &z, 1, kb);
     }
   };
   const int64_t ia = std::max<int64_t>(wa, 1), ib = std::min(wb, src.interior_end());
   for (int64_t wo = wa; wo < std::min(ia, wb); ++wo) border(wo);
-  if (ia < ib) cv.sweep_pixel_groups(ia, ib, C, consts, kstride, f);
+  if (ia < ib) cv.sweep_pixel_groups(ia, ib, C, k, f);
   for (int64_t wo = std::max(ia, ib); wo < wb; ++wo) border(wo);
 }
 

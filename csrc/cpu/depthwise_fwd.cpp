@@ -25,11 +25,10 @@ template <typename T, int S, int kAct>
 void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std::vector<T>& sc,
                           const std::vector<T>& sh, const DwShape& s) {
   using Vec = Vectorized<T>;
-  constexpr int64_t kV = Vec::size();
   const int64_t C = s.C;
   const int64_t WB = nhwc_col_tile(C, S, sizeof(T));
   // Per channel block: the nine taps, scale, shift (tile_z_pixels).
-  const std::vector<T> consts = block_constants<T>(wt, C, C, {sc.data(), sh.data()});
+  const BlockConstants<T> consts(wt, C, C, {sc.data(), sh.data()});
   at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
     NhwcInPlace<T, S> src(x, s);
     for (int64_t r = begin; r < end; ++r) {
@@ -37,19 +36,19 @@ void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std:
       T* const yr = y + r * s.Wo * C;
       // Captured by value: through references, the pointers were reloaded after every store.
       auto out = [yr, C](int64_t wo, int64_t c0, const Vec* zs, int n, const T* kb) {
-        const Vec a = Vec::loadu(kb + 9 * Vec::size()), b = Vec::loadu(kb + 10 * Vec::size());
+        const Vec a = BlockConstants<T>::extra(kb, 0), b = BlockConstants<T>::extra(kb, 1);
         for (int k = 0; k < n; ++k)
           act_vec<kAct>(at::vec::fmadd(zs[k], a, b)).store(yr + (wo + k) * C + c0);
       };
       // The border outputs (0 and [ie, Wo)) through edge(), the interior in column tiles.
       const int64_t ie = src.interior_end();
-      tile_z_pixels(src, cv, 0, 1, C, consts.data(), 11, wt.data(), C, out);
+      tile_z_pixels(src, cv, 0, 1, C, consts, wt.data(), C, out);
       for (int64_t wa = 1; wa < ie; wa += WB) {
         const int64_t wb = std::min(ie, wa + WB);
         tile_ready(src, wa, wb, WB);
-        tile_z_pixels(src, cv, wa, wb, C, consts.data(), 11, wt.data(), C, out);
+        tile_z_pixels(src, cv, wa, wb, C, consts, wt.data(), C, out);
       }
-      tile_z_pixels(src, cv, ie, s.Wo, C, consts.data(), 11, wt.data(), C, out);
+      tile_z_pixels(src, cv, ie, s.Wo, C, consts, wt.data(), C, out);
     }
   });
 }
