@@ -192,6 +192,34 @@ def test_cpu_plane_widths(dtype, stride):
             )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpu_nchw_stride2_plane_groups(dtype):
+    # The C++ NCHW fp32 stride-2 forward with outputs at most 16 wide takes eight planes at a
+    # time, one per vector lane (8x8 transposes in and out), and sends the planes left over
+    # (N*C mod 8) through the one-plane kernel. Lanes run across image boundaries (channel
+    # c + 1 wraps to 0 of the next image); rows narrower than 8 are read 8 wide (generic
+    # transpose where that would run past the end of x: exactly 8 planes) and stored 8 wide
+    # into the next rows, except where that would reach the next plane. Widths 1..33 (outputs
+    # 1..17: both sides of 8 and of the 16 limit), heights 1, 2, 9; fp64 as the control.
+    if "cpu" not in dwsep.available_backends():
+        pytest.skip("the C++ CPU kernels are not built")
+    for n, c in ((1, 8), (3, 5), (2, 12)):
+        for w in range(1, 34):
+            for h in (1, 2, 9):
+                run_and_compare(
+                    "depthwise",
+                    "cpu",
+                    "cpu",
+                    dtype,
+                    (n, c, h, w),
+                    stride=2,
+                    # (training needs more than one output per channel)
+                    training=(w + h + c) % 3 == 0 and n * ((h + 1) // 2) * ((w + 1) // 2) > 1,
+                    activation=ACTS[w % 3],
+                    seed=w * 10 + h + c,
+                )
+
+
 def _dw_op_args(device, layout, stride, dtype=torch.float32):
     x, weight, bn = make_inputs("depthwise", (2, 5, 7, 6), dtype, device)
     x = to_layout(x, layout)

@@ -6,7 +6,8 @@
 // converted into a padded ring, outputs staged in a tile); at stride 1, fp32/fp64 planes at
 // least 28 wide read x and write y in place instead (NhwcInPlace). NCHW: parallel over planes
 // (n, c); vectors along W over zero-padded (stride 2: even/odd split) row buffers, each input
-// row converted once. Both read x once and write y once.
+// row converted once; fp32 at stride 2 with outputs at most 16 wide, eight planes at a time, one
+// per vector lane (dw_fwd_nchw_lanes). All read x once and write y once.
 //
 // dw_stats is deterministic whatever the thread count: fixed chunks (NHWC: groups of output
 // rows; NCHW: planes, in row blocks) each produce (count, mean, M2) from a two-pass over small
@@ -100,6 +101,102 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
   });
 }
 
+// NCHW fp32, stride 2, outputs at most kLaneMaxWo wide (the 28x28 and 14x14 stride-2 layers):
+// eight planes at a time, one per vector lane. Each input row of the eight planes is transposed
+// in registers into pixel vectors of a zero-bordered tile [H + 2][W + 2][8] (the channels_last
+// layout, eight channels), the conv sweeps that tile four outputs at a time with per-lane taps
+// (NhwcTaps, as the channels_last kernel), and each output row is transposed back into the
+// eight planes. Against one plane at a time (FlatPlane: the plane split by column parity into
+// four sub-planes, one vector per 8 flat outputs, junk columns computed and dropped), there is
+// no parity split, every load is aligned and shared by up to four outputs, and no lane is junk.
+// At stride 1 the same kernel measured slower than FlatPlane (batch 8 from memory: 14x14x512
+// 0.60-0.62 -> 0.84-1.05 ms, 7x7x1024 0.36 -> 0.47-0.48; bench/NOTES.md, session 10): there
+// FlatPlane wastes few lanes and needs no split, and the transposes cost more than they save.
+// Planes [gbegin * 8, gend * 8).
+constexpr int64_t kLaneMaxWo = 16;
+
+template <int S, int kAct>
+void dw_fwd_nchw_lanes(const float* x, float* y, const float* wp, const float* scp,
+                       const float* shp, const DwShape& s, int64_t gbegin, int64_t gend) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t kV = Vec::size();
+  static_assert(kV <= 8, "8x8 transposes");
+  constexpr int64_t kL = 8;  // planes per group
+  const int64_t H = s.H, W = s.W, Ho = s.Ho, Wo = s.Wo, HW = H * W, HWo = Ho * Wo;
+  const int64_t L = W + 2;  // tile row, in pixels
+  const float* x_end = x + s.N * s.C * HW;
+  at::parallel_for(gbegin, gend, grain_for(HWo * kL), [&](int64_t gb, int64_t ge) {
+    std::vector<float> tile((H + 2) * L * kL, 0.0f);  // borders stay 0
+    alignas(64) float tmp[kL * kL];
+    alignas(64) float out[kLaneMaxWo * kL];
+    alignas(64) float consts[11 * kL];
+    NhwcTaps<float, S> cv;
+    cv.P = kL;
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t p0 = g * kL;
+      int64_t c = p0 % s.C;  // channel of lane k, wrapping into the next image
+      for (int64_t k = 0; k < kL; ++k, c = c + 1 == s.C ? 0 : c + 1) {
+        for (int t = 0; t < 9; ++t) consts[t * kL + k] = wp[c * 9 + t];
+        consts[9 * kL + k] = scp[c];
+        consts[10 * kL + k] = shp[c];
+      }
+      Vec w[9];
+      for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(consts + t * kL);
+      const Vec a = Vec::loadu(consts + 9 * kL), b = Vec::loadu(consts + 10 * kL);
+      // Input rows into the tile: pixel j of row h at tile[(h + 1) * L + j + 1]. Rows of 8 or
+      // more: full 8x8 transposes, the last one ending at W (overlapping the one before it: it
+      // rewrites equal values). Narrower rows: 8-wide reads run into the next row (or plane),
+      // harmless inside x, and only the W real pixels go into the tile (its border stays 0).
+      const float* xg = x + p0 * HW;
+      for (int64_t h = 0; h < H; ++h) {
+        float* trow = tile.data() + ((h + 1) * L + 1) * kL;
+        const float* xr = xg + h * W;
+        if (W >= kL) {
+          for (int64_t w0 = 0; w0 < W; w0 += kL) {
+            const int64_t c0 = std::min(w0, W - kL);
+            transpose8x8(xr + c0, HW, trow + c0 * kL, kL);
+          }
+          continue;
+        }
+        if (xr + 7 * HW + kL <= x_end) {
+          transpose8x8(xr, HW, tmp, kL);
+        } else {
+          at::vec::transpose_mxn<float>(xr, HW, tmp, kL, kL, static_cast<int>(W));
+        }
+        for (int64_t j = 0; j < W; ++j) Vec::loadu(tmp + j * kL).store(trow + j * kL);
+      }
+      // Output rows: the conv of tile rows ho * S .. ho * S + 2, transposed back into the planes
+      // (rows of 8 or more as the input rows).
+      float* yg = y + p0 * HWo;
+      for (int64_t ho = 0; ho < Ho; ++ho) {
+        for (int i = 0; i < 3; ++i) cv.rows[i] = tile.data() + (ho * S + i) * L * kL;
+        cv.sweep(0, Wo, 0, w, [&](int64_t wo, const Vec& z) {
+          act_vec<kAct>(at::vec::fmadd(z, a, b)).store(out + wo * kL);
+        });
+        float* yr = yg + ho * Wo;
+        if (Wo >= kL) {
+          for (int64_t w0 = 0; w0 < Wo; w0 += kL) {
+            const int64_t c0 = std::min(w0, Wo - kL);
+            transpose8x8(out + c0 * kL, kL, yr + c0, HWo);
+          }
+          continue;
+        }
+        // Narrower rows: 8 lanes stored per plane, the ones past Wo landing in the plane's next
+        // rows, which are written after this one. Where that would spill into the next plane
+        // (the last rows), the Wo real lanes are stored one by one. (A masked store, vmaskmovps,
+        // is microcoded on the AMD hosts measured: 7-wide outputs ran at half speed with it.)
+        if ((ho * Wo) + kL <= HWo) {
+          transpose8x8(out, kL, yr, HWo);
+          continue;
+        }
+        transpose8x8(out, kL, tmp, kL);
+        for (int64_t k = 0; k < kL; ++k)
+          for (int64_t j = 0; j < Wo; ++j) yr[k * HWo + j] = tmp[k * kL + j];
+      }
+    }
+  });
+}
+
 template <typename T, int S, int kAct>
 void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& scale,
                  const at::Tensor& shift, const DwShape& s) {
@@ -111,8 +208,17 @@ void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
   const Acc* scp = scale.const_data_ptr<Acc>();
   const Acc* shp = shift.const_data_ptr<Acc>();
   const int64_t HW = s.H * s.W, HWo = s.Ho * s.Wo;
+  int64_t p_begin = 0;  // planes before p_begin are done
+  if constexpr (std::is_same_v<T, float> && Vectorized<float>::size() == 8) {
+    const int64_t groups = s.N * s.C / 8;
+    if (S == 2 && s.Wo <= kLaneMaxWo && groups > 0) {
+      dw_fwd_nchw_lanes<S, kAct>(x, y, wp, scp, shp, s, 0, groups);
+      p_begin = groups * 8;
+      if (p_begin == s.N * s.C) return;
+    }
+  }
   if (s.W <= kFlatMaxW) {
-    at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
+    at::parallel_for(p_begin, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
       FlatPlane<T, S> fp(s.H, s.W);
       std::vector<Acc> out(fp.flat_len());
       for (int64_t p = begin; p < end; ++p) {
