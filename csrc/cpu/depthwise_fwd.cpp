@@ -124,7 +124,7 @@ void dw_fwd_nchw_lanes(const float* x, float* y, const float* wp, const float* s
   constexpr int64_t kL = 8;  // planes per group
   const int64_t H = s.H, W = s.W, Ho = s.Ho, Wo = s.Wo, HW = H * W, HWo = Ho * Wo;
   const int64_t L = W + 2;  // tile row, in pixels
-  const float* x_end = x + s.N * s.C * HW;
+  const int64_t x_len = s.N * s.C * HW;
   at::parallel_for(gbegin, gend, grain_for(HWo * kL), [&](int64_t gb, int64_t ge) {
     std::vector<float> tile((H + 2) * L * kL, 0.0f);  // borders stay 0
     alignas(64) float tmp[kL * kL];
@@ -158,7 +158,7 @@ void dw_fwd_nchw_lanes(const float* x, float* y, const float* wp, const float* s
           }
           continue;
         }
-        if (xr + 7 * HW + kL <= x_end) {
+        if ((p0 + 7) * HW + h * W + kL <= x_len) {  // the last plane's 8-wide read stays in x
           transpose8x8(xr, HW, tmp, kL);
         } else {
           at::vec::transpose_mxn<float>(xr, HW, tmp, kL, kL, static_cast<int>(W));
