@@ -119,9 +119,8 @@ template <int S, int kAct>
 void dw_fwd_nchw_lanes(const float* x, float* y, const float* wp, const float* scp,
                        const float* shp, const DwShape& s, int64_t gbegin, int64_t gend) {
   using Vec = Vectorized<float>;
-  constexpr int64_t kV = Vec::size();
-  static_assert(kV <= 8, "8x8 transposes");
-  constexpr int64_t kL = 8;  // planes per group
+  constexpr int64_t kL = 8;  // planes per group: one per lane of a vector, 8x8 transposes
+  static_assert(Vec::size() == kL, "one plane per lane of an 8-lane fp32 vector");
   const int64_t H = s.H, W = s.W, Ho = s.Ho, Wo = s.Wo, HW = H * W, HWo = Ho * Wo;
   const int64_t L = W + 2;  // tile row, in pixels
   const int64_t x_len = s.N * s.C * HW;
