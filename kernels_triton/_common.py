@@ -183,6 +183,16 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+def tile_programs(tiles: int, channel_blocks: int, device: torch.device) -> int:
+    """Programs along the tile axis of a grid-stride kernel with `channel_blocks` programs
+    along the other: about 8 per SM in all (each program loads its channels' weights and BN
+    constants once and loops over its tiles), never more than the tiles. In the interpreter 3,
+    so that programs take several tiles, unevenly."""
+    if INTERPRET:
+        return max(1, min(tiles, 3))
+    return max(1, min(tiles, triton.cdiv(8 * num_sms(device), max(1, channel_blocks))))
+
+
 def pixel_chunk(images: int, pixels: int, channels: int, device: torch.device) -> int:
     """Pixels of one image per reduction partial (a program loops over them). Independent of
     the tuned tile, so the workspace size is known before launch: as long as possible (fewer

@@ -30,8 +30,9 @@ from ._common import (
     pick_configs,
     pixel_chunk,
     sum_partials,
+    tile_programs,
 )
-from .depthwise_fwd import TILE_CONFIGS, conv_tile, prune_tile_configs
+from .depthwise_fwd import TILE_CONFIGS, conv_tile, load_taps, prune_tile_configs, x_tap
 
 
 @triton.jit
@@ -102,6 +103,7 @@ def _dw_bwd_reduce_kernel(
     gy_img = gy_ptr + n * gy_sn
     y_img = y_ptr + n * y_sn
     x_img = x_ptr + n * x_sn
+    wts = load_taps(w_ptr, c, cmask, ACC)
     acc_gz = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     acc_gzx = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     for p0 in range(p_begin, p_end, BLOCK_P):
@@ -111,7 +113,7 @@ def _dw_bwd_reduce_kernel(
         gz = _grad_z(gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT, ACC)
         z = conv_tile(
             x_img,
-            w_ptr,
+            wts,
             p // Wo,
             p % Wo,
             pmask,
@@ -160,73 +162,55 @@ GCONV_CONFIGS = _gconv_configs()
 
 
 @triton.jit
-def _x_tap(
-    x_img,
-    ho,
-    wo,
-    pmask,
-    c_off,
-    cmask,
-    H,
-    W,
-    x_sp,
-    S: tl.constexpr,
-    I: tl.constexpr,
-    J: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """x[ho*S + I-1, wo*S + J-1, c] on a tile of output pixels, in ACC (0 in the padding)."""
-    hi = ho * S + (I - 1)
-    wi = wo * S + (J - 1)
-    ok = pmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-    off = (hi * W + wi) * x_sp
-    xv = tl.load(
-        x_img + off[:, None] + c_off[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
+def _x_taps(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S: tl.constexpr):
+    """The nine shifted x tiles of a tile of output pixels (x_tap, tap i * 3 + j), loaded once
+    for both the conv (z) and the weight-gradient products."""
+    return (
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 0),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 1),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 2),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 0),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 1),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 2),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 0),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 1),
+        x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 2),
     )
-    return xv.to(ACC)
 
 
 @triton.jit
 def _gconv_tile(
     gy_img,
     y_img,
-    x_img,
-    w_ptr,
     gc_img,
+    xt,
+    wts,
     p,
-    ho,
-    wo,
     pmask,
     c,
     cmask,
     kk,
     bb,
     cc,
-    H,
-    W,
     gy_sc,
     gy_sp,
     y_sc,
     y_sp,
-    x_sc,
-    x_sp,
     gc_sc,
     gc_sp,
-    S: tl.constexpr,
     ACT: tl.constexpr,
     USE_Z: tl.constexpr,
     ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
     """g_conv = k * g_z (+ b * z + c) on a tile of output pixels, stored to the temporary and
-    returned (0 outside the tile's mask)."""
+    returned (0 outside the tile's mask); z from the tile's x taps xt (_x_taps) and the
+    weights wts (load_taps), summed in conv_tile's order."""
     m2d = pmask[:, None] & cmask[None, :]
     g = kk[None, :] * _grad_z(gy_img, y_img, p, c, m2d, gy_sc, gy_sp, y_sc, y_sp, ACT, ACC)
     if USE_Z:
-        z = conv_tile(
-            x_img, w_ptr, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
-        )
+        z = tl.zeros(g.shape, dtype=ACC)
+        for k in tl.static_range(9):
+            z += xt[k].to(ACC) * wts[k][None, :]
         g += tl.where(m2d, bb[None, :] * z + cc[None, :], 0.0)
     gc_t = gc_img.dtype.element_ty
     tl.store(gc_img + p[:, None] * gc_sp + c[None, :] * gc_sc, g.to(gc_t), mask=m2d)
@@ -301,6 +285,7 @@ def _dw_bwd_gconv_kernel(
     y_img = y_ptr + n * y_sn
     x_img = x_ptr + n * x_sn
     gc_img = gc_ptr + n * gc_sn
+    wts = load_taps(w_ptr, c, cmask, ACC)
     taps = tl.arange(0, 16)
     c_off = c * x_sc
     if TAP_ACC:
@@ -318,18 +303,17 @@ def _dw_bwd_gconv_kernel(
         for p0 in range(p_begin, p_end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             pmask = p < p_end
-            ho = p // Wo
-            wo = p % Wo
-            g = _gconv_tile(gy_img, y_img, x_img, w_ptr, gc_img, p, ho, wo, pmask, c, cmask, kk, bb, cc, H, W, gy_sc, gy_sp, y_sc, y_sp, x_sc, x_sp, gc_sc, gc_sp, S, ACT, USE_Z, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
-            a0 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 0, ACC)
-            a1 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 1, ACC)
-            a2 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 0, 2, ACC)
-            a3 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 0, ACC)
-            a4 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 1, ACC)
-            a5 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 1, 2, ACC)
-            a6 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 0, ACC)
-            a7 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 1, ACC)
-            a8 += g * _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, 2, 2, ACC)
+            xt = _x_taps(x_img, p // Wo, p % Wo, pmask, c_off, cmask, H, W, x_sp, S)
+            g = _gconv_tile(gy_img, y_img, gc_img, xt, wts, p, pmask, c, cmask, kk, bb, cc, gy_sc, gy_sp, y_sc, y_sp, gc_sc, gc_sp, ACT, USE_Z, ACC)  # fmt: skip
+            a0 += g * xt[0].to(ACC)
+            a1 += g * xt[1].to(ACC)
+            a2 += g * xt[2].to(ACC)
+            a3 += g * xt[3].to(ACC)
+            a4 += g * xt[4].to(ACC)
+            a5 += g * xt[5].to(ACC)
+            a6 += g * xt[6].to(ACC)
+            a7 += g * xt[7].to(ACC)
+            a8 += g * xt[8].to(ACC)
         t = taps[:, None]
         gw = tl.where(t == 0, tl.sum(a0, axis=0)[None, :], 0.0)
         gw += tl.where(t == 1, tl.sum(a1, axis=0)[None, :], 0.0)
@@ -346,14 +330,11 @@ def _dw_bwd_gconv_kernel(
         for p0 in range(p_begin, p_end, BLOCK_P):
             p = p0 + tl.arange(0, BLOCK_P)
             pmask = p < p_end
-            ho = p // Wo
-            wo = p % Wo
-            g = _gconv_tile(gy_img, y_img, x_img, w_ptr, gc_img, p, ho, wo, pmask, c, cmask, kk, bb, cc, H, W, gy_sc, gy_sp, y_sc, y_sp, x_sc, x_sp, gc_sc, gc_sp, S, ACT, USE_Z, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
-            for i in tl.static_range(3):
-                for j in tl.static_range(3):
-                    xv = _x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, i, j, ACC)
-                    part = tl.sum(g * xv, axis=0)
-                    gw += tl.where(taps[:, None] == (i * 3 + j), part[None, :], 0.0)
+            xt = _x_taps(x_img, p // Wo, p % Wo, pmask, c_off, cmask, H, W, x_sp, S)
+            g = _gconv_tile(gy_img, y_img, gc_img, xt, wts, p, pmask, c, cmask, kk, bb, cc, gy_sc, gy_sp, y_sc, y_sp, gc_sc, gc_sp, ACT, USE_Z, ACC)  # fmt: skip
+            for k in tl.static_range(9):
+                part = tl.sum(g * xt[k].to(ACC), axis=0)
+                gw += tl.where(taps[:, None] == k, part[None, :], 0.0)
     gw_off = q * (C * 9) + c[None, :] * 9 + taps[:, None]
     tl.store(ws_gw + gw_off, gw, mask=(taps[:, None] < 9) & cmask[None, :])
 
@@ -369,6 +350,7 @@ def _dw_bwd_dx_kernel(
     gc_ptr,
     w_ptr,
     gx_ptr,
+    N,
     C,
     H,
     W,
@@ -388,52 +370,54 @@ def _dw_bwd_dx_kernel(
     BLOCK_C: tl.constexpr,
 ):
     """grad_x[h, w] = sum over taps (i, j) with h = ho*S + i - 1, w = wo*S + j - 1 of
-    g_conv[ho, wo] * w[i, j] (the transposed depthwise conv). x_s* are grad_x's strides."""
-    pid = tl.program_id(0).to(tl.int64)
-    p_tiles = tl.cdiv(HW, BLOCK_P)
-    n = pid // p_tiles
-    p = (pid % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    g_conv[ho, wo] * w[i, j] (the transposed depthwise conv). x_s* are grad_x's strides.
+    Program (q, cb) takes the tiles q, q + num_programs(0), ... of the N * p_tiles (image,
+    pixel tile) tiles for channel block cb, with the taps loaded once (load_taps)."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if I64:
         c = c.to(tl.int64)
-    else:
-        p = p.to(tl.int32)
-    pmask = p < HW
     cmask = c < C
-    h = p // W
-    w = p % W
-    gc_img = gc_ptr + n * gc_sn
+    wts = load_taps(w_ptr, c, cmask, ACC)
     c_off = c * gc_sc
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
-    for i in tl.static_range(3):
-        hn = h + (1 - i)
-        hok = pmask & (hn >= 0)
-        hn = tl.where(hok, hn, 0)  # no division of negatives
-        if S == 2:
-            hok = hok & ((hn % 2) == 0)
-        ho = hn // S
-        hok = hok & (ho < Ho)
-        for j in tl.static_range(3):
-            wn = w + (1 - j)
-            ok = hok & (wn >= 0)
-            wn = tl.where(ok, wn, 0)
+    p_tiles = tl.cdiv(HW, BLOCK_P)
+    # int64 tile indices even where Triton specialized N or HW to a constant
+    tiles = (tl.zeros([], tl.int64) + N) * p_tiles
+    for t in range(tl.program_id(0).to(tl.int64), tiles, tl.num_programs(0)):
+        n = t // p_tiles
+        p0 = (t - n * p_tiles) * BLOCK_P
+        if not I64:
+            p0 = p0.to(tl.int32)
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < HW
+        h = p // W
+        w = p % W
+        gc_img = gc_ptr + n * gc_sn
+        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
+        for i in tl.static_range(3):
+            hn = h + (1 - i)
+            hok = pmask & (hn >= 0)
+            hn = tl.where(hok, hn, 0)  # no division of negatives
             if S == 2:
-                ok = ok & ((wn % 2) == 0)
-            wo = wn // S
-            ok = ok & (wo < Wo)
-            gv = tl.load(
-                gc_img + ((ho * Wo + wo) * gc_sp)[:, None] + c_off[None, :],
-                mask=ok[:, None] & cmask[None, :],
-                other=0.0,
-            )
-            wv = tl.load(w_ptr + c * 9 + (i * 3 + j), mask=cmask, other=0.0).to(ACC)
-            acc += gv.to(ACC) * wv[None, :]
-    x_off = p[:, None] * x_sp + c[None, :] * x_sc
-    tl.store(
-        gx_ptr + n * x_sn + x_off,
-        acc.to(gx_ptr.dtype.element_ty),
-        mask=pmask[:, None] & cmask[None, :],
-    )
+                hok = hok & ((hn % 2) == 0)
+            ho = hn // S
+            hok = hok & (ho < Ho)
+            for j in tl.static_range(3):
+                wn = w + (1 - j)
+                ok = hok & (wn >= 0)
+                wn = tl.where(ok, wn, 0)
+                if S == 2:
+                    ok = ok & ((wn % 2) == 0)
+                wo = wn // S
+                ok = ok & (wo < Wo)
+                gv = tl.load(
+                    gc_img + ((ho * Wo + wo) * gc_sp)[:, None] + c_off[None, :],
+                    mask=ok[:, None] & cmask[None, :],
+                    other=0.0,
+                )
+                acc += gv.to(ACC) * wts[i * 3 + j][None, :]
+        x_off = p[:, None] * x_sp + c[None, :] * x_sc
+        gx_t = gx_ptr.dtype.element_ty
+        tl.store(gx_ptr + n * x_sn + x_off, acc.to(gx_t), mask=pmask[:, None] & cmask[None, :])
 
 
 def _chunks(n: int, c: int, ho: int, wo: int, device) -> tuple[int, int]:
@@ -575,12 +559,14 @@ def dw_bwd(
     )
 
     def grid_dx(meta):
-        return (n * triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(ch, meta["BLOCK_C"]))
+        cb = triton.cdiv(ch, meta["BLOCK_C"])
+        return (tile_programs(n * triton.cdiv(h * w, meta["BLOCK_P"]), cb, x.device), cb)
 
     _dw_bwd_dx_kernel[grid_dx](
         gc,
         weight,
         grad_x_out,
+        n,
         ch,
         h,
         w,

@@ -27,6 +27,7 @@ from ._common import (
     next_pow2,
     pick_configs,
     pixel_chunk,
+    tile_programs,
 )
 
 
@@ -70,9 +71,55 @@ TILE_CONFIGS = _tile_configs()
 
 
 @triton.jit
+def load_taps(w_ptr, c, cmask, ACC: tl.constexpr):
+    """The nine taps w[c, 0, i, j] (tap i * 3 + j) of channels c as a tuple of [BLOCK_C]
+    vectors in ACC. Every kernel loads them once, before its pixel loop: they are loop
+    invariants, but Triton re-issues a load in a loop body on every iteration, and with the
+    (C, 9) weight layout each is a stride-9 scalar load per channel a thread holds (72 per
+    thread and tile for 8 bf16 channels, against 9 vector loads of x)."""
+    return (
+        tl.load(w_ptr + c * 9 + 0, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 1, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 2, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 3, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 4, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 5, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 6, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 7, mask=cmask, other=0.0).to(ACC),
+        tl.load(w_ptr + c * 9 + 8, mask=cmask, other=0.0).to(ACC),
+    )
+
+
+@triton.jit
+def x_tap(
+    x_img,
+    ho,
+    wo,
+    pmask,
+    c_off,
+    cmask,
+    H,
+    W,
+    x_sp,
+    S: tl.constexpr,
+    I: tl.constexpr,
+    J: tl.constexpr,
+):
+    """x[ho*S + I-1, wo*S + J-1, c] on a tile of output pixels, in x's dtype (0 in the
+    padding and outside the masks); c_off = c * x_sc."""
+    hi = ho * S + (I - 1)
+    wi = wo * S + (J - 1)
+    ok = pmask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    off = (hi * W + wi) * x_sp
+    return tl.load(
+        x_img + off[:, None] + c_off[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
+    )
+
+
+@triton.jit
 def conv_tile(
     x_img,
-    w_ptr,
+    wts,
     ho,
     wo,
     pmask,
@@ -88,28 +135,21 @@ def conv_tile(
     BLOCK_C: tl.constexpr,
 ):
     """z[p, c] = sum_{i,j} x[ho*S+i-1, wo*S+j-1, c] * w[c, i, j] for a tile of output pixels
-    (ho, wo) and channels c of one image (x_img points at the image); zero padding."""
+    (ho, wo) and channels c of one image (x_img points at the image); zero padding. wts: the
+    taps from load_taps."""
     acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
     c_off = c * x_sc
     for i in tl.static_range(3):
-        hi = ho * S + (i - 1)
-        hok = pmask & (hi >= 0) & (hi < H)
         for j in tl.static_range(3):
-            wi = wo * S + (j - 1)
-            ok = hok & (wi >= 0) & (wi < W)
-            off = (hi * W + wi) * x_sp
-            xv = tl.load(
-                x_img + off[:, None] + c_off[None, :], mask=ok[:, None] & cmask[None, :], other=0.0
-            )
-            wv = tl.load(w_ptr + c * 9 + (i * 3 + j), mask=cmask, other=0.0)
-            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+            xv = x_tap(x_img, ho, wo, pmask, c_off, cmask, H, W, x_sp, S, i, j)
+            acc += xv.to(ACC) * wts[i * 3 + j][None, :]
     return acc
 
 
 @triton.jit
 def conv_pixel(
     x_img,
-    w_ptr,
+    wts,
     ho,
     wo,
     c,
@@ -130,8 +170,7 @@ def conv_pixel(
             wi = wo * S + (j - 1)
             ok = (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             xv = tl.load(x_img + (hi * W + wi) * x_sp + c * x_sc, mask=cmask & ok, other=0.0)
-            wv = tl.load(w_ptr + c * 9 + (i * 3 + j), mask=cmask, other=0.0)
-            acc += xv.to(ACC) * wv.to(ACC)
+            acc += xv.to(ACC) * wts[i * 3 + j]
     return acc
 
 
@@ -148,6 +187,7 @@ def _dw_fwd_kernel(
     scale_ptr,
     shift_ptr,
     y_ptr,
+    N,
     C,
     H,
     W,
@@ -166,35 +206,39 @@ def _dw_fwd_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    p_tiles = tl.cdiv(HWo, BLOCK_P)
-    n = pid // p_tiles
-    p = (pid % p_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    """Program (q, cb) computes the tiles t = q, q + num_programs(0), ... of the N * p_tiles
+    (image, pixel tile) tiles, for channel block cb: the taps, scale and shift are loaded once
+    per program (see load_taps) and serve all its tiles."""
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if I64:
         c = c.to(tl.int64)
-    else:
-        p = p.to(tl.int32)
-    pmask = p < HWo
     cmask = c < C
-    ho = p // Wo
-    wo = p % Wo
-    acc = conv_tile(
-        x_ptr + n * x_sn, w_ptr, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
-    )
+    wts = load_taps(w_ptr, c, cmask, ACC)
     s = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC)
     b = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC)
-    v = apply_act(acc * s[None, :] + b[None, :], ACT)
-    y_off = p[:, None] * y_sp + c[None, :] * y_sc
-    tl.store(
-        y_ptr + n * y_sn + y_off, v.to(y_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :]
-    )
+    p_tiles = tl.cdiv(HWo, BLOCK_P)
+    # int64 tile indices even where Triton specialized N or HWo to a constant
+    tiles = (tl.zeros([], tl.int64) + N) * p_tiles
+    for t in range(tl.program_id(0).to(tl.int64), tiles, tl.num_programs(0)):
+        n = t // p_tiles
+        p0 = (t - n * p_tiles) * BLOCK_P
+        if not I64:
+            p0 = p0.to(tl.int32)
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < HWo
+        ho = p // Wo
+        wo = p % Wo
+        acc = conv_tile(x_ptr + n * x_sn, wts, ho, wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+        v = apply_act(acc * s[None, :] + b[None, :], ACT)
+        y_off = p[:, None] * y_sp + c[None, :] * y_sc
+        y_t = y_ptr.dtype.element_ty
+        tl.store(y_ptr + n * y_sn + y_off, v.to(y_t), mask=pmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def _centered_tile(
     x_img,
-    w_ptr,
+    wts,
     piv,
     p0,
     pmask,
@@ -213,7 +257,7 @@ def _centered_tile(
     """z - pivot on the tile of output pixels p0 .. p0 + BLOCK_P of one image."""
     p = p0 + tl.arange(0, BLOCK_P)
     z = conv_tile(
-        x_img, w_ptr, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
+        x_img, wts, p // Wo, p % Wo, pmask, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C
     )
     return z - piv[None, :]
 
@@ -278,8 +322,9 @@ def _dw_stats_kernel(
         c = c.to(tl.int64)
     cmask = c < C
     x_img = x_ptr + n * x_sn
+    wts = load_taps(w_ptr, c, cmask, ACC)
     piv = conv_pixel(
-        x_img, w_ptr, p_begin // Wo, p_begin % Wo, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_C
+        x_img, wts, p_begin // Wo, p_begin % Wo, c, cmask, H, W, x_sc, x_sp, S, ACC, BLOCK_C
     )
     if LANE_STATS:
         lm = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)
@@ -287,7 +332,7 @@ def _dw_stats_kernel(
         lc = tl.zeros([BLOCK_P], dtype=ACC)
         for p0 in range(p_begin, p_end, BLOCK_P):
             pmask = (p0 + tl.arange(0, BLOCK_P)) < p_end
-            z = _centered_tile(x_img, w_ptr, piv, p0, pmask, c, cmask, H, W, Wo, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+            z = _centered_tile(x_img, wts, piv, p0, pmask, c, cmask, H, W, Wo, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
             lc = lc + pmask.to(ACC)
             inv = tl.where(pmask, 1.0 / tl.maximum(lc, 1.0), 0.0)
             d = z - lm
@@ -302,7 +347,7 @@ def _dw_stats_kernel(
         m2 = tl.zeros([BLOCK_C], dtype=ACC)
         for p0 in range(p_begin, p_end, BLOCK_P):
             pmask = (p0 + tl.arange(0, BLOCK_P)) < p_end
-            z = _centered_tile(x_img, w_ptr, piv, p0, pmask, c, cmask, H, W, Wo, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
+            z = _centered_tile(x_img, wts, piv, p0, pmask, c, cmask, H, W, Wo, x_sc, x_sp, S, ACC, BLOCK_P, BLOCK_C)  # fmt: skip
             nb = tl.minimum(p_end - p0, BLOCK_P).to(ACC)
             cnt = (p0 - p_begin).to(ACC)
             mb = tl.sum(tl.where(pmask[:, None], z, 0.0), axis=0) / nb
@@ -344,7 +389,8 @@ def dw_fwd(
     y_s = layout_strides(out)
 
     def grid(meta):
-        return (n * triton.cdiv(ho * wo, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))
+        cb = triton.cdiv(c, meta["BLOCK_C"])
+        return (tile_programs(n * triton.cdiv(ho * wo, meta["BLOCK_P"]), cb, x.device), cb)
 
     _dw_fwd_kernel[grid](
         x,
@@ -352,6 +398,7 @@ def dw_fwd(
         scale,
         shift,
         out,
+        n,
         c,
         h,
         w,
