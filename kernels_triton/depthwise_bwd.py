@@ -32,7 +32,15 @@ from ._common import (
     sum_partials,
     tile_programs,
 )
-from .depthwise_fwd import TILE_CONFIGS, conv_tile, load_taps, prune_tile_configs, x_tap
+from .depthwise_fwd import (
+    TILE_CONFIGS,
+    conv_tile,
+    load_taps,
+    prune_tile_configs,
+    tile_count,
+    tile_pixels,
+    x_tap,
+)
 
 
 @triton.jit
@@ -379,15 +387,9 @@ def _dw_bwd_dx_kernel(
     cmask = c < C
     wts = load_taps(w_ptr, c, cmask, ACC)
     c_off = c * gc_sc
-    p_tiles = tl.cdiv(HW, BLOCK_P)
-    # int64 tile indices even where Triton specialized N or HW to a constant
-    tiles = (tl.zeros([], tl.int64) + N) * p_tiles
+    tiles, p_tiles = tile_count(N, HW, BLOCK_P)
     for t in range(tl.program_id(0).to(tl.int64), tiles, tl.num_programs(0)):
-        n = t // p_tiles
-        p0 = (t - n * p_tiles) * BLOCK_P
-        if not I64:
-            p0 = p0.to(tl.int32)
-        p = p0 + tl.arange(0, BLOCK_P)
+        n, p = tile_pixels(t, p_tiles, I64, BLOCK_P)
         pmask = p < HW
         h = p // W
         w = p % W

@@ -117,6 +117,24 @@ def x_tap(
 
 
 @triton.jit
+def tile_count(N, HW, BLOCK_P: tl.constexpr):
+    """(tiles, p_tiles): the N * p_tiles (image, pixel tile) tiles of the grid-stride kernels,
+    in int64 even where Triton specialized N or HW to a constant."""
+    p_tiles = tl.cdiv(HW, BLOCK_P)
+    return (tl.zeros([], tl.int64) + N) * p_tiles, p_tiles
+
+
+@triton.jit
+def tile_pixels(t, p_tiles, I64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(image n, pixel indices p) of tile t (int64); p in int32 unless I64."""
+    n = t // p_tiles
+    p0 = (t - n * p_tiles) * BLOCK_P
+    if not I64:
+        p0 = p0.to(tl.int32)
+    return n, p0 + tl.arange(0, BLOCK_P)
+
+
+@triton.jit
 def conv_tile(
     x_img,
     wts,
@@ -216,15 +234,9 @@ def _dw_fwd_kernel(
     wts = load_taps(w_ptr, c, cmask, ACC)
     s = tl.load(scale_ptr + c, mask=cmask, other=0.0).to(ACC)
     b = tl.load(shift_ptr + c, mask=cmask, other=0.0).to(ACC)
-    p_tiles = tl.cdiv(HWo, BLOCK_P)
-    # int64 tile indices even where Triton specialized N or HWo to a constant
-    tiles = (tl.zeros([], tl.int64) + N) * p_tiles
+    tiles, p_tiles = tile_count(N, HWo, BLOCK_P)
     for t in range(tl.program_id(0).to(tl.int64), tiles, tl.num_programs(0)):
-        n = t // p_tiles
-        p0 = (t - n * p_tiles) * BLOCK_P
-        if not I64:
-            p0 = p0.to(tl.int32)
-        p = p0 + tl.arange(0, BLOCK_P)
+        n, p = tile_pixels(t, p_tiles, I64, BLOCK_P)
         pmask = p < HWo
         ho = p // Wo
         wo = p % Wo
