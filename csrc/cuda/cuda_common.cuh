@@ -1,4 +1,5 @@
-// Device-side helpers shared by the dwsep CUDA kernels. Plain CUDA: no torch headers, so nvcc
+// Device-side helpers shared by the dwsep CUDA kernels (the conversions and the activation are
+// also host-callable, for the host runs of tests/cuda_host). Plain CUDA: no torch headers, so nvcc
 // stays fast. Host glue (csrc/cuda/*_glue.cpp) converts tensors into the params structs.
 #pragma once
 
@@ -24,35 +25,35 @@ struct AccOf<double> {
 };
 
 template <typename Acc, typename T>
-__device__ __forceinline__ Acc to_acc(T v) {
+__host__ __device__ __forceinline__ Acc to_acc(T v) {
   return static_cast<Acc>(v);
 }
 template <>
-__device__ __forceinline__ float to_acc<float, __half>(__half v) {
+__host__ __device__ __forceinline__ float to_acc<float, __half>(__half v) {
   return __half2float(v);
 }
 template <>
-__device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+__host__ __device__ __forceinline__ float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
   return __bfloat162float(v);
 }
 
 template <typename T, typename Acc>
-__device__ __forceinline__ T from_acc(Acc v) {
+__host__ __device__ __forceinline__ T from_acc(Acc v) {
   return static_cast<T>(v);
 }
 template <>
-__device__ __forceinline__ __half from_acc<__half, float>(float v) {
+__host__ __device__ __forceinline__ __half from_acc<__half, float>(float v) {
   return __float2half_rn(v);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+__host__ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
   return __float2bfloat16_rn(v);
 }
 
 // act: 0 = none, 1 = relu, 2 = relu6. NaN propagates (as F.relu / F.relu6): every
 // comparison with NaN is false, so both select v.
 template <int ACT, typename Acc>
-__device__ __forceinline__ Acc apply_act(Acc v) {
+__host__ __device__ __forceinline__ Acc apply_act(Acc v) {
   if (ACT == 1) return v < Acc(0) ? Acc(0) : v;
   if (ACT == 2) return v < Acc(0) ? Acc(0) : (v > Acc(6) ? Acc(6) : v);
   return v;

@@ -5,6 +5,8 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/depthwise.h"
 
+#include <atomic>
+
 namespace dwsep {
 namespace cuda {
 namespace dwtile {
@@ -141,6 +143,34 @@ __device__ __forceinline__ Acc finalize_column_sum(const Acc* __restrict__ ws, i
     __syncthreads();
   }
   return red[t];
+}
+
+// Blocks of kDwThreads threads of `kernel` resident at once on the current device (SMs x
+// blocks per SM), or 0 if the runtime cannot say. Queried once per device and cached in
+// cache[device] (a static array of the caller, one per kernel instantiation).
+constexpr int kMaxCachedDevices = 64;
+
+template <typename Kernel>
+inline int64_t resident_blocks(Kernel kernel, std::atomic<int>* cache) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (dev >= 0 && dev < kMaxCachedDevices) {
+    const int hit = cache[dev].load(std::memory_order_relaxed);
+    if (hit > 0) return hit;
+  }
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kDwThreads, 0) !=
+          cudaSuccess) {
+    cudaGetLastError();  // clear the error: the caller falls back to one item per thread
+    return 0;
+  }
+  const int wave = sms * (per_sm > 0 ? per_sm : 1);
+  if (dev >= 0 && dev < kMaxCachedDevices) cache[dev].store(wave, std::memory_order_relaxed);
+  return wave;
 }
 
 inline unsigned grid_1d(int64_t work_items, int64_t per_block) {

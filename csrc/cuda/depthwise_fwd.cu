@@ -10,6 +10,7 @@
 #include "cuda/cuda_common.cuh"
 #include "cuda/depthwise.h"
 #include "cuda/depthwise_common.cuh"
+#include "cuda/depthwise_fwd_nhwc.cuh"
 
 namespace dwsep {
 namespace cuda {
@@ -20,32 +21,14 @@ using namespace dwtile;  // NOLINT(build/namespaces)
 // ------------------------------------------------------------------------------------------
 // Helpers local to the forward (the tile helpers are in depthwise_common.cuh).
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
 inline bool aligned16(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
 // ------------------------------------------------------------------------------------------
-// dw_fwd, channels_last: registers only.
-//
-// A work item is (n, ho, strip of TWS output columns, channel vector of VEC channels).
-// Consecutive threads take consecutive channel vectors of the same pixels, so each warp
-// load/store is a contiguous run of 16-byte vectors. The thread keeps its 9 weights and the
-// folded scale/shift per channel in registers and slides a 3x3 window of input vectors along
-// W: win[i][a] holds input row ho*S + i - 1, column wo*S + a - 1 for the current output wo.
-// Stepping wo -> wo+1 shifts the window by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and
-// loads one new column; S = 2 reuses column 2 as 0 and loads two new columns.
-// VEC = 16 / sizeof(T) needs C % VEC == 0 and 16-byte aligned x and y (every vector then
-// starts at a multiple of VEC elements); VEC = 1 is the scalar fallback for any C.
-
-template <int S>
-constexpr int strip_width() {
-  return S == 1 ? 8 : 4;
-}
+// dw_fwd, channels_last: registers only; the work of one thread is dw_fwd_nhwc_thread
+// (depthwise_fwd_nhwc.cuh). A persistent grid (about one wave of resident blocks, see
+// launch_fwd_nhwc), so that each thread keeps its channel vector's taps over many pixel items.
 
 template <typename T, int S, int ACT, int VEC>
 __global__ void __launch_bounds__(kDwThreads, 1)
@@ -53,93 +36,9 @@ __global__ void __launch_bounds__(kDwThreads, 1)
                        const typename AccOf<T>::type* __restrict__ scale,
                        const typename AccOf<T>::type* __restrict__ shift, T* __restrict__ y,
                        DwShape s) {
-  using Acc = typename AccOf<T>::type;
-  using V = Vec<T, VEC>;
-  constexpr int TWS = strip_width<S>();
-  const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
-  const int64_t strips = (s.Wo + TWS - 1) / TWS;
-  const int64_t items = s.N * s.Ho * strips * CG;
-  V zero;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) zero.v[v] = from_acc<T>(Acc(0));
-
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
-       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t t = item;
-    const int64_t cg = t % CG;
-    t /= CG;
-    const int64_t strip = t % strips;
-    t /= strips;
-    const int64_t ho = t % s.Ho;
-    const int64_t n = t / s.Ho;
-    const int64_t c0 = cg * VEC;
-
-    Acc wr[9][VEC], sc[VEC], sh[VEC];
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-#pragma unroll
-      for (int k = 0; k < 9; ++k) wr[k][v] = to_acc<Acc>(w[(c0 + v) * 9 + k]);
-      sc[v] = scale[c0 + v];
-      sh[v] = shift[c0 + v];
-    }
-
-    // Row pointers (at column 0, channel c0) of the three input rows; rows outside [0, H)
-    // are zero padding and never dereferenced.
-    const T* rowp[3];
-    bool rowok[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-      const int64_t hi = ho * S + i - 1;
-      rowok[i] = hi >= 0 && hi < s.H;
-      rowp[i] = x + ((n * s.H + (rowok[i] ? hi : 0)) * s.W) * s.C + c0;
-    }
-    // Loads input column wi of the three rows into window column a.
-    V win[3][3];
-    auto load_col = [&](int a, int64_t wi) {
-      const bool colok = wi >= 0 && wi < s.W;
-#pragma unroll
-      for (int i = 0; i < 3; ++i) {
-        win[i][a] = (rowok[i] && colok) ? *reinterpret_cast<const V*>(rowp[i] + wi * s.C) : zero;
-      }
-    };
-
-    T* yrow = y + ((n * s.Ho + ho) * s.Wo) * s.C + c0;
-    const int64_t wo0 = strip * TWS;
-#pragma unroll
-    for (int kk = 0; kk < TWS; ++kk) {
-      const int64_t wo = wo0 + kk;
-      if (wo >= s.Wo) break;
-      if (kk == 0) {
-        load_col(0, wo * S - 1);
-        load_col(1, wo * S);
-        load_col(2, wo * S + 1);
-      } else if (S == 1) {
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-          win[i][0] = win[i][1];
-          win[i][1] = win[i][2];
-        }
-        load_col(2, wo * S + 1);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 3; ++i) win[i][0] = win[i][2];
-        load_col(1, wo * S);
-        load_col(2, wo * S + 1);
-      }
-      V out;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        Acc z = Acc(0);
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-#pragma unroll
-          for (int a = 0; a < 3; ++a) z += to_acc<Acc>(win[i][a].v[v]) * wr[i * 3 + a][v];
-        }
-        out.v[v] = from_acc<T>(apply_act<ACT>(z * sc[v] + sh[v]));
-      }
-      *reinterpret_cast<V*>(yrow + wo * s.C) = out;
-    }
-  }
+  dw_fwd_nhwc_thread<T, S, ACT, VEC>(x, w, scale, shift, y, s,
+                                     static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                     static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -384,9 +283,20 @@ template <typename T, int S, int ACT, int VEC>
 cudaError_t launch_fwd_nhwc(const DwFwdParams& p, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwShape& s = p.s;
-  constexpr int TWS = strip_width<S>();
-  const int64_t items = s.N * s.Ho * ((s.Wo + TWS - 1) / TWS) * (s.C / VEC);
-  dw_fwd_nhwc_kernel<T, S, ACT, VEC><<<grid_1d(items, kDwThreads), kDwThreads, 0, stream>>>(
+  const auto kernel = dw_fwd_nhwc_kernel<T, S, ACT, VEC>;
+  // One item per thread when they all fit in one wave of resident blocks; otherwise that wave,
+  // each thread walking many items with its taps in registers. At least one thread per channel
+  // vector (dw_fwd_nhwc_thread needs nthreads >= C / VEC).
+  const int64_t CG = s.C / VEC;
+  const int64_t items = nhwc_pixel_items<S>(s) * CG;
+  const int64_t min_blocks = (CG + kDwThreads - 1) / kDwThreads;
+  if (min_blocks > (int64_t(1) << 30)) return cudaErrorInvalidConfiguration;
+  static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
+  int64_t blocks = (items + kDwThreads - 1) / kDwThreads;
+  const int64_t wave = resident_blocks(kernel, cached_wave);
+  if (wave > 0 && blocks > wave) blocks = wave;
+  if (blocks < min_blocks) blocks = min_blocks;
+  kernel<<<static_cast<unsigned>(blocks), kDwThreads, 0, stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.scale),
       static_cast<const Acc*>(p.shift), static_cast<T*>(p.y), s);
   return cudaGetLastError();
