@@ -1,11 +1,12 @@
-"""Host runs of CUDA kernel bodies: the channels_last depthwise forward without a GPU.
+"""Host runs of CUDA kernel bodies: the channels_last depthwise forward and statistics without a
+GPU.
 
-``dw_fwd_nhwc_thread`` (csrc/cuda/depthwise_fwd_nhwc.cuh) is the whole work of one thread of
-the kernel and touches no other thread's data, so running it for every thread id of a grid, one
-after another on the CPU, computes what the GPU computes. tests/cuda_host/dw_fwd_nhwc_host.cu does
-that, built with the host compiler under AddressSanitizer and UBSan (buffers at their exact
-sizes: any out-of-bounds access stops the run), its output filled with NaN first (an output it
-does not write fails the comparison). This checks the kernel's indexing, work split and
+``dw_fwd_nhwc_thread`` and ``dw_stats_nhwc_thread`` (csrc/cuda/depthwise_fwd_nhwc.cuh) are the
+whole work of one thread of their kernels and touch no other thread's data, so running them for
+every thread id of a grid, one after another on the CPU, computes what the GPU computes.
+tests/cuda_host/dw_nhwc_host.cu does that, built with the host compiler under AddressSanitizer
+and UBSan (buffers at their exact sizes: any out-of-bounds access stops the run), its output
+filled with NaN first (a value it does not write fails the comparison). This checks the kernel's indexing, work split and
 arithmetic on every machine with the CUDA headers; it does not check anything only a GPU has
 (timing, memory model, the compiled SASS). The CUDA op tests cover those on a GPU.
 """
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from dwsep.testing import TOLERANCES, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "tests" / "cuda_host" / "dw_fwd_nhwc_host.cu"
+SOURCE = ROOT / "tests" / "cuda_host" / "dw_nhwc_host.cu"
 ACC = {
     torch.float32: torch.float32,
     torch.float64: torch.float64,
@@ -57,7 +58,7 @@ def host_binary(tmp_path_factory) -> Path:
     inc = _cuda_include()
     if cxx is None or inc is None:
         pytest.skip(f"needs a C++ compiler ({cxx}) and the CUDA headers ({inc})")
-    out = tmp_path_factory.mktemp("cuda_host") / "dw_fwd_nhwc_host"
+    out = tmp_path_factory.mktemp("cuda_host") / "dw_nhwc_host"
     cmd = [
         cxx, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
         "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-x", "c++",
@@ -72,26 +73,35 @@ def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def run_host(binary: Path, workdir: Path, x, w, scale, shift, stride, act, vec, nthreads):
-    """y of the emulated launch (NCHW view of the NHWC result)."""
+def run_host(binary: Path, workdir: Path, op, x, w, stride, act, vec, nthreads, **inputs):
+    """The emulated launch's output: y (an NCHW view of the NHWC result) for ``op="fwd"``, the
+    [chunks, C, 3] (``"stats"``) or [chunks, C, 2] (``"reduce"``) workspace otherwise. ``inputs``:
+    the op's other tensors by file name (scale, shift; grad_y, y_saved, mean, invstd); 4-D ones
+    are written in NHWC order."""
     n, c, h, wd = x.shape
-    (workdir / "x.bin").write_bytes(_raw(x.permute(0, 2, 3, 1)))
-    (workdir / "w.bin").write_bytes(_raw(w.reshape(c, 9)))
-    (workdir / "scale.bin").write_bytes(_raw(scale))
-    (workdir / "shift.bin").write_bytes(_raw(shift))
+    for name, t in dict(inputs, x=x, w=w.reshape(c, 9)).items():
+        (workdir / f"{name}.bin").write_bytes(_raw(t.permute(0, 2, 3, 1) if t.dim() == 4 else t))
     dtype = str(x.dtype).removeprefix("torch.")
-    args = [binary, workdir, dtype, n, c, h, wd, stride, ACT_CODES[act], 0 if vec else 1, nthreads]
+    vec_arg = 0 if vec else 1
+    args = [binary, op, workdir, dtype, n, c, h, wd, stride, ACT_CODES[act], vec_arg, nthreads]
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0")
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
-    assert res.returncode == 0, f"{args[2:]}: exit {res.returncode}\n{res.stderr[-4000:]}"
+    assert res.returncode == 0, f"{args[1:]}: exit {res.returncode}\n{res.stderr[-4000:]}"
+    out_dtype = x.dtype if op == "fwd" else ACC[x.dtype]
+    raw = bytearray((workdir / ("y.bin" if op == "fwd" else "ws.bin")).read_bytes())
+    out = torch.frombuffer(raw, dtype=out_dtype) if raw else torch.empty(0, dtype=out_dtype)
+    if op != "fwd":
+        return out.reshape(-1, c, 3 if op == "stats" else 2)
     ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
-    raw = bytearray((workdir / "y.bin").read_bytes())
-    y = torch.frombuffer(raw, dtype=x.dtype) if raw else torch.empty(0, dtype=x.dtype)
-    return y.reshape(n, ho, wo, c).permute(0, 3, 1, 2)
+    return out.reshape(n, ho, wo, c).permute(0, 3, 1, 2)
+
+
+def conv_f64(x, w, stride):
+    return F.conv2d(x.double(), w.double(), None, stride, 1, 1, x.shape[1])
 
 
 def reference(x, w, scale, shift, stride, act):
-    z = F.conv2d(x.double(), w.double(), None, stride, 1, 1, x.shape[1])
+    z = conv_f64(x, w, stride)
     y = z * scale.double().view(1, -1, 1, 1) + shift.double().view(1, -1, 1, 1)
     if act == "relu":
         y = y.clamp_min(0)
@@ -105,6 +115,16 @@ def reference(x, w, scale, shift, stride, act):
 SHAPES = [(2, 16, 7, 9), (1, 8, 1, 1), (1, 24, 2, 2), (3, 8, 13, 17), (1, 5, 6, 3), (2, 32, 17, 16)]
 
 
+def inputs(shape, dtype, seed):
+    n, c, h, wd = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, wd, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(c, 1, 3, 3, generator=g, dtype=torch.float64) / 3).to(dtype)
+    scale = (torch.rand(c, generator=g, dtype=torch.float64) * 2 + 0.5).to(ACC[dtype])
+    shift = (torch.randn(c, generator=g, dtype=torch.float64) + 1).to(ACC[dtype])
+    return x, w, scale, shift
+
+
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize(
     "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
@@ -114,11 +134,7 @@ def test_dw_fwd_nhwc_thread_matches_reference(host_binary, tmp_path, dtype, stri
     acts = list(ACT_CODES)
     runs = 0
     for i, (n, c, h, wd) in enumerate(SHAPES):
-        g = torch.Generator().manual_seed(1000 * i + stride)
-        x = torch.randn(n, c, h, wd, generator=g, dtype=torch.float64).to(dtype)
-        w = (torch.randn(c, 1, 3, 3, generator=g, dtype=torch.float64) / 3).to(dtype)
-        scale = (torch.rand(c, generator=g, dtype=torch.float64) * 2 + 0.5).to(ACC[dtype])
-        shift = (torch.randn(c, generator=g, dtype=torch.float64) + 1).to(ACC[dtype])
+        x, w, scale, shift = inputs((n, c, h, wd), dtype, 1000 * i + stride)
         act = acts[i % len(acts)]
         ref = reference(x, w, scale, shift, stride, act)
         tws = 8 if stride == 1 else 4
@@ -129,7 +145,10 @@ def test_dw_fwd_nhwc_thread_matches_reference(host_binary, tmp_path, dtype, stri
             # One worker per channel vector (the least the launcher gives), a thread count that
             # is not a multiple of C / VEC (idle threads), and more threads than work items.
             for nthreads in sorted({cg, 3 * cg + 1, 2 * cg + cg // 2 + 1, items * cg + 7}):
-                y = run_host(host_binary, tmp_path, x, w, scale, shift, stride, act, vec, nthreads)
+                y = run_host(
+                    host_binary, tmp_path, "fwd", x, w, stride, act, vec, nthreads,
+                    scale=scale, shift=shift,
+                )  # fmt: skip
                 what = f"{tuple(x.shape)} s{stride} {act} vec={vec} nthreads={nthreads}"
                 assert_close(y, ref, TOLERANCES[dtype], what)
                 runs += 1
@@ -142,4 +161,90 @@ def test_host_run_catches_a_wrong_thread_count(host_binary, tmp_path):
     x = torch.randn(1, 16, 4, 4)
     w, s = torch.randn(16, 1, 3, 3), torch.ones(16)
     with pytest.raises(AssertionError, match="exit 2"):
-        run_host(host_binary, tmp_path, x, w, s, s, 1, None, False, 15)
+        run_host(host_binary, tmp_path, "fwd", x, w, 1, None, False, 15, scale=s, shift=s)
+
+
+# Statistics: the small shapes put one pixel item in each chunk (dw_nhwc_chunks aims at
+# ~32K (chunk, channel vector) pairs); the wide one (C = 16384) gets several items per chunk.
+STATS_SHAPES = SHAPES + [(2, 16384, 9, 9)]
+
+
+def reduction_runs(c, vec_width):
+    """(vector path?, thread count) runs of a reduction: for the small shapes, the vector and
+    scalar paths with one thread, a thread count that is not a multiple of the pairs, and more
+    threads than pairs; for the wide shape (slow under the sanitizers) one run."""
+    if c > 1024:
+        return [(True, 257)]
+    runs = []
+    for vec in [True, False] if c % vec_width == 0 else [False]:
+        pairs = c // vec_width if vec else c
+        runs += [(vec, t) for t in sorted({1, 257, pairs + 3})]
+    return runs
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_dw_stats_nhwc_thread_matches_reference(host_binary, tmp_path, dtype, stride):
+    """Per-chunk (count, mean, M2), merged here in float64, against the mean and biased variance
+    of the float64 conv; the counts must cover every output exactly once."""
+    vec_width = 16 // torch.empty(0, dtype=dtype).element_size()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    multi_item_chunks = False
+    for i, (n, c, h, wd) in enumerate(STATS_SHAPES):
+        x, w, _, _ = inputs((n, c, h, wd), dtype, 2000 * i + stride)
+        z = conv_f64(x, w, stride)
+        m = z.shape[0] * z.shape[2] * z.shape[3]
+        ref_mean = z.mean(dim=(0, 2, 3))
+        ref_var = z.var(dim=(0, 2, 3), unbiased=False)
+        for vec, nthreads in reduction_runs(c, vec_width):
+            ws = run_host(host_binary, tmp_path, "stats", x, w, stride, None, vec, nthreads)
+            ws = ws.double()
+            what = f"{tuple(x.shape)} s{stride} vec={vec} nthreads={nthreads}"
+            cnt, mean, m2 = ws.unbind(-1)
+            assert bool((cnt == cnt[:, :1]).all()), f"{what}: chunk counts differ by channel"
+            assert bool((cnt.sum(0) == m).all()), f"{what}: counts {cnt.sum(0)} != {m}"
+            multi_item_chunks |= bool(cnt.max() > (8 if stride == 1 else 4))
+            mu = (cnt * mean).sum(0) / m
+            var = (m2.sum(0) + (cnt * (mean - mu) ** 2).sum(0)) / m
+            spread = float(ref_var.max().sqrt())
+            assert_close(mu, ref_mean, tol, f"{what} mean", scale=spread)
+            assert_close(var, ref_var, tol, f"{what} var")
+    assert multi_item_chunks, "no shape put several pixel items in one chunk"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_dw_bwd_reduce_nhwc_thread_matches_reference(host_binary, tmp_path, dtype, stride):
+    """Per-chunk partial sums of g_z and g_z * xhat, added here in float64, against the float64
+    sums (g_z = grad_y where act'(y) passes; y the stored forward output, covering both kinks of
+    ReLU6)."""
+    vec_width = 16 // torch.empty(0, dtype=dtype).element_size()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    acts = list(ACT_CODES)
+    for i, (n, c, h, wd) in enumerate(STATS_SHAPES):
+        x, w, scale, shift = inputs((n, c, h, wd), dtype, 3000 * i + stride)
+        act = acts[i % len(acts)]
+        z = conv_f64(x, w, stride)
+        y = reference(x, w, scale * 3, shift, stride, act).to(dtype)  # wide: both kinks
+        g = torch.Generator().manual_seed(i)
+        grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+        mean = z.mean(dim=(0, 2, 3)).to(ACC[dtype])
+        invstd = (z.var(dim=(0, 2, 3), unbiased=False) + 1e-5).rsqrt().to(ACC[dtype])
+        yd = y.double()
+        passes = {None: torch.ones_like(yd, dtype=torch.bool), "relu": yd > 0}
+        passes["relu6"] = (yd > 0) & (yd < 6)
+        gz = torch.where(passes[act], grad_y.double(), torch.zeros_like(yd))
+        xhat = (z - mean.double().view(1, -1, 1, 1)) * invstd.double().view(1, -1, 1, 1)
+        ref = torch.stack([gz.sum(dim=(0, 2, 3)), (gz * xhat).sum(dim=(0, 2, 3))], dim=-1)
+        spread = float(gz.abs().sum(dim=(0, 2, 3)).max())  # sums of mixed signs: vs sum |terms|
+        for vec, nthreads in reduction_runs(c, vec_width):
+            ws = run_host(
+                host_binary, tmp_path, "reduce", x, w, stride, act, vec, nthreads,
+                grad_y=grad_y, y_saved=y, mean=mean, invstd=invstd,
+            )  # fmt: skip
+            what = f"{tuple(x.shape)} s{stride} {act} vec={vec} nthreads={nthreads}"
+            assert_close(ws.double().sum(0), ref, tol, what, scale=spread)

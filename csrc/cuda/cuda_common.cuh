@@ -50,6 +50,11 @@ __host__ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>
   return __float2bfloat16_rn(v);
 }
 
+// Whether a pointer allows 16-byte vector accesses.
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 // act: 0 = none, 1 = relu, 2 = relu6. NaN propagates (as F.relu / F.relu6): every
 // comparison with NaN is false, so both select v.
 template <int ACT, typename Acc>
@@ -62,10 +67,16 @@ __host__ __device__ __forceinline__ Acc apply_act(Acc v) {
 // Whether the activation passes the gradient, judged from its input or output value
 // (identical sets for these activations: relu y > 0, relu6 0 < y < 6). NaN propagates.
 template <int ACT, typename Acc>
-__device__ __forceinline__ bool act_pass(Acc v) {
+__host__ __device__ __forceinline__ bool act_pass(Acc v) {
   if (ACT == 1) return !(v <= Acc(0));
   if (ACT == 2) return !(v <= Acc(0) || v >= Acc(6));
   return true;
+}
+
+// The same with a run-time act code.
+template <typename Acc>
+__host__ __device__ __forceinline__ bool act_pass_rt(int act, Acc yv) {
+  return act == 1 ? act_pass<1>(yv) : (act == 2 ? act_pass<2>(yv) : true);
 }
 
 }  // namespace cuda

@@ -76,7 +76,7 @@ struct DwBwdParams {
   bool use_z;
 };
 
-// The shared-memory tile kernels (NCHW forward, stats, bwd_reduce, bwd).
+// The shared-memory tile kernels (NCHW forward, stats and bwd_reduce; bwd).
 enum class DwKernel : int { kFwdTile = 0, kStats = 1, kBwdReduce = 2, kBwd = 3 };
 
 // Tiling of a shared-memory tile kernel; a pure function of (kernel, shape, dtype), so the
@@ -189,10 +189,48 @@ inline DwPlan dw_plan(DwKernel kind, const DwShape& s, DType dtype) {
   return p;
 }
 
+// The registers-only channels_last kernels (depthwise_fwd_nhwc.cuh) walk "pixel items": a strip
+// of dw_nhwc_strip_width(stride) output columns of one output row of one image.
+__host__ __device__ constexpr int dw_nhwc_strip_width(int stride) {
+  return stride == 1 ? 8 : 4;
+}
+
+__host__ __device__ inline int64_t dw_nhwc_pixel_items(const DwShape& s) {
+  const int tws = dw_nhwc_strip_width(s.stride);
+  return s.N * s.Ho * ((s.Wo + tws - 1) / tws);
+}
+
+// Partition of the channels_last reductions (dw_stats_nhwc_thread, dw_bwd_reduce_nhwc_thread):
+// chunk j holds the pixel
+// items [j * items_per_chunk, min(items, (j + 1) * items_per_chunk)), each non-empty. A pure
+// function of (shape, dtype), as dw_plan, so every result bit is independent of the device.
+// About 32K (chunk, channel vector) pairs in all, one thread each; at most 2^22 outputs per
+// chunk (the fp32 count and Welford mean of a chunk stay exact / accurate).
+struct DwNhwcChunks {
+  int64_t items, chunks, items_per_chunk;
+};
+
+inline DwNhwcChunks dw_nhwc_chunks(const DwShape& s, DType dtype) {
+  DwNhwcChunks g{};
+  const int64_t elem = dtype == DType::kFloat64 ? 8 : (dtype == DType::kFloat32 ? 4 : 2);
+  const int64_t vecs = dw_ceil_div(s.C, 16 / elem);  // channel vectors of the 16-byte path
+  g.items = dw_nhwc_pixel_items(s);
+  if (g.items == 0) return g;
+  int64_t chunks = dw_ceil_div(32768, vecs);
+  const int64_t min_chunks = dw_ceil_div(g.items * dw_nhwc_strip_width(s.stride), 1 << 22);
+  chunks = chunks < min_chunks ? min_chunks : chunks;
+  chunks = chunks > g.items ? g.items : chunks;
+  g.items_per_chunk = dw_ceil_div(g.items, chunks);
+  g.chunks = dw_ceil_div(g.items, g.items_per_chunk);
+  return g;
+}
+
 // Number of acc-dtype (fp32, or fp64 for fp64 x) values of the workspace the glue allocates
 // for dw_stats (kStats), dw_bwd_reduce (kBwdReduce) and dw_bwd (kBwd); 0 when numel is 0.
 inline int64_t dw_workspace_elems(DwKernel kind, const DwShape& s, DType dtype) {
   if (s.N * s.C * s.Ho * s.Wo == 0) return 0;
+  if (s.nhwc && kind == DwKernel::kStats) return dw_nhwc_chunks(s, dtype).chunks * s.C * 3;
+  if (s.nhwc && kind == DwKernel::kBwdReduce) return dw_nhwc_chunks(s, dtype).chunks * s.C * 2;
   const DwPlan p = dw_plan(kind, s, dtype);
   return p.chunks * s.C * p.ws_per_channel;
 }

@@ -15,6 +15,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/depthwise.h"
+#include "cuda/depthwise_bwd_nhwc.cuh"
 #include "cuda/depthwise_common.cuh"
 
 namespace dwsep {
@@ -25,12 +26,6 @@ using namespace dwtile;  // NOLINT(build/namespaces)
 
 // ------------------------------------------------------------------------------------------
 // Helpers local to the backward (the tile helpers are in depthwise_common.cuh).
-
-// Whether the activation passes the gradient, read off its output (run-time act code).
-template <typename Acc>
-__device__ __forceinline__ bool act_pass_rt(int act, Acc yv) {
-  return act == 1 ? act_pass<1>(yv) : (act == 2 ? act_pass<2>(yv) : true);
-}
 
 // Sum of v over the PL pixel lanes of channel lane cl, in a fixed binary tree; every thread
 // gets its channel's sum. red holds kDwThreads values; the leading barrier makes the call
@@ -61,6 +56,21 @@ __device__ __forceinline__ void decode_item(int64_t it, const DwPlan& g, int64_t
 
 // ------------------------------------------------------------------------------------------
 // dw_bwd_reduce, stage 1: ws[(chunk*C + c)*2 + {0, 1}] = partial (sum g_z, sum g_z*xhat).
+// Channels_last: registers only (dw_bwd_reduce_nhwc_thread, persistent grid); NCHW: the
+// shared-memory tile kernel below.
+
+template <typename T, int S, int VEC>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_bwd_reduce_nhwc_kernel(const T* __restrict__ grad_y, const T* __restrict__ y,
+                              const T* __restrict__ x, const T* __restrict__ w,
+                              const typename AccOf<T>::type* __restrict__ mean,
+                              const typename AccOf<T>::type* __restrict__ invstd,
+                              typename AccOf<T>::type* __restrict__ ws, DwShape s, DwNhwcChunks g,
+                              int act) {
+  dw_bwd_reduce_nhwc_thread<T, S, VEC>(grad_y, y, x, w, mean, invstd, ws, s, g, act,
+                                       static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                       static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
 
 template <typename T, int S, bool NHWC>
 __global__ void __launch_bounds__(kDwThreads, 2)
@@ -306,23 +316,45 @@ __global__ void __launch_bounds__(kDwThreads)
 // ------------------------------------------------------------------------------------------
 // Launchers.
 
-template <typename T, int S, bool NHWC>
-cudaError_t launch_bwd_reduce(const DwBwdReduceParams& p, DType dtype, cudaStream_t stream) {
+template <typename Acc>
+cudaError_t launch_bwd_reduce_finalize(const DwBwdReduceParams& p, int64_t chunks,
+                                       cudaStream_t stream) {
+  const int L = finalize_lanes(chunks);
+  dw_bwd_reduce_finalize_kernel<Acc><<<finalize_blocks(2 * p.s.C, L), kDwThreads, 0, stream>>>(
+      static_cast<const Acc*>(p.workspace), chunks, p.s.C, L, static_cast<Acc*>(p.sum_gz),
+      static_cast<Acc*>(p.sum_gz_xhat));
+  return cudaGetLastError();
+}
+
+template <typename T, int S, int VEC>
+cudaError_t launch_bwd_reduce_nhwc(const DwBwdReduceParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwNhwcChunks g = dw_nhwc_chunks(p.s, dtype);
+  const auto kernel = dw_bwd_reduce_nhwc_kernel<T, S, VEC>;
+  static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
+  const unsigned blocks = persistent_grid(g.chunks * (p.s.C / VEC), 1, kernel, cached_wave);
+  kernel<<<blocks, kDwThreads, 0, stream>>>(
+      static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
+      static_cast<const T*>(p.weight), static_cast<const Acc*>(p.mean),
+      static_cast<const Acc*>(p.invstd), static_cast<Acc*>(p.workspace), p.s, g, p.act);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_bwd_reduce_finalize<Acc>(p, g.chunks, stream);
+}
+
+template <typename T, int S>
+cudaError_t launch_bwd_reduce_nchw(const DwBwdReduceParams& p, DType dtype, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwPlan g = dw_plan(DwKernel::kBwdReduce, p.s, dtype);
   if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
-  Acc* ws = static_cast<Acc*>(p.workspace);
   const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
-  dw_bwd_reduce_kernel<T, S, NHWC><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+  dw_bwd_reduce_kernel<T, S, false><<<grid, kDwThreads, g.smem_bytes, stream>>>(
       static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
       static_cast<const T*>(p.weight), static_cast<const Acc*>(p.mean),
-      static_cast<const Acc*>(p.invstd), ws, p.s, g, p.act);
-  cudaError_t err = cudaGetLastError();
+      static_cast<const Acc*>(p.invstd), static_cast<Acc*>(p.workspace), p.s, g, p.act);
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int L = finalize_lanes(g.chunks);
-  dw_bwd_reduce_finalize_kernel<Acc><<<finalize_blocks(2 * p.s.C, L), kDwThreads, 0, stream>>>(
-      ws, g.chunks, p.s.C, L, static_cast<Acc*>(p.sum_gz), static_cast<Acc*>(p.sum_gz_xhat));
-  return cudaGetLastError();
+  return launch_bwd_reduce_finalize<Acc>(p, g.chunks, stream);
 }
 
 template <typename T, int S, bool NHWC>
@@ -353,11 +385,16 @@ cudaError_t dw_bwd_reduce(const DwBwdReduceParams& p, DType dtype, cudaStream_t 
   if (p.act < 0 || p.act > 2) return cudaErrorInvalidValue;
   DWSEP_DISPATCH_DTYPE(dtype, T, {
     if (s.nhwc) {
-      return s.stride == 1 ? launch_bwd_reduce<T, 1, true>(p, dtype, stream)
-                           : launch_bwd_reduce<T, 2, true>(p, dtype, stream);
+      constexpr int kVec = 16 / sizeof(T);
+      if (s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.grad_y)) {
+        return s.stride == 1 ? launch_bwd_reduce_nhwc<T, 1, kVec>(p, dtype, stream)
+                             : launch_bwd_reduce_nhwc<T, 2, kVec>(p, dtype, stream);
+      }
+      return s.stride == 1 ? launch_bwd_reduce_nhwc<T, 1, 1>(p, dtype, stream)
+                           : launch_bwd_reduce_nhwc<T, 2, 1>(p, dtype, stream);
     }
-    return s.stride == 1 ? launch_bwd_reduce<T, 1, false>(p, dtype, stream)
-                         : launch_bwd_reduce<T, 2, false>(p, dtype, stream);
+    return s.stride == 1 ? launch_bwd_reduce_nchw<T, 1>(p, dtype, stream)
+                         : launch_bwd_reduce_nchw<T, 2>(p, dtype, stream);
   });
   return cudaSuccess;
 }

@@ -173,6 +173,21 @@ inline int64_t resident_blocks(Kernel kernel, std::atomic<int>* cache) {
   return wave;
 }
 
+// Blocks for a persistent launch of `kernel` over `work` thread-sized pieces: one per
+// kDwThreads pieces while that fits in one wave of resident blocks, else one wave (the threads
+// then loop), never fewer than min_blocks and at most 2^20 (the kernels grid-stride).
+template <typename Kernel>
+inline unsigned persistent_grid(int64_t work, int64_t min_blocks, Kernel kernel,
+                                std::atomic<int>* cache) {
+  int64_t blocks = (work + kDwThreads - 1) / kDwThreads;
+  const int64_t wave = resident_blocks(kernel, cache);
+  if (wave > 0 && blocks > wave) blocks = wave;
+  if (blocks < min_blocks) blocks = min_blocks;
+  if (blocks < 1) blocks = 1;
+  constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+  return static_cast<unsigned>(blocks > kMaxBlocks ? kMaxBlocks : blocks);
+}
+
 inline unsigned grid_1d(int64_t work_items, int64_t per_block) {
   const int64_t blocks = (work_items + per_block - 1) / per_block;
   constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest

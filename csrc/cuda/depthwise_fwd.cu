@@ -19,13 +19,6 @@ namespace {
 using namespace dwtile;  // NOLINT(build/namespaces)
 
 // ------------------------------------------------------------------------------------------
-// Helpers local to the forward (the tile helpers are in depthwise_common.cuh).
-
-inline bool aligned16(const void* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
-// ------------------------------------------------------------------------------------------
 // dw_fwd, channels_last: registers only; the work of one thread is dw_fwd_nhwc_thread
 // (depthwise_fwd_nhwc.cuh). A persistent grid (about one wave of resident blocks, see
 // launch_fwd_nhwc), so that each thread keeps its channel vector's taps over many pixel items.
@@ -39,6 +32,17 @@ __global__ void __launch_bounds__(kDwThreads, 1)
   dw_fwd_nhwc_thread<T, S, ACT, VEC>(x, w, scale, shift, y, s,
                                      static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
                                      static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+// dw_stats stage 1, channels_last: registers only, dw_stats_nhwc_thread; the finalize below
+// merges its per-(chunk, channel) moments as those of the shared-memory kernel.
+template <typename T, int S, int VEC>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_stats_nhwc_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                         typename AccOf<T>::type* __restrict__ ws, DwShape s, DwNhwcChunks g) {
+  dw_stats_nhwc_thread<T, S, VEC>(x, w, ws, s, g,
+                                  static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                  static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -114,11 +118,12 @@ __global__ void __launch_bounds__(kDwThreads, 2)
 }
 
 // ------------------------------------------------------------------------------------------
-// dw_stats. Stage 1: grid (channel group, chunk). Each block walks the items (image, tile) of
+// dw_stats, NCHW (channels_last: dw_stats_nhwc_kernel above, same workspace layout and
+// finalize). Stage 1: grid (channel group, chunk). Each block walks the items (image, tile) of
 // its chunk in order; each thread keeps a Welford (count, mean, M2) of the z values of its
 // channel; the block merges its threads with Chan's formula in a fixed binary tree and writes
 // one (count, mean, M2) per channel to ws[(chunk*C + c)*3 + 0..2]. Stage 2: one thread per
-// channel merges the chunks in order 0, 1, ... (counts in fp64). No atomics: the result is a
+// channel merges the chunks in a fixed order (counts in fp64). No atomics: the result is a
 // pure function of the inputs and the plan, bitwise reproducible.
 
 // (na, ma, Ma) <- (na, ma, Ma) + (nb, mb, Mb).
@@ -288,15 +293,12 @@ cudaError_t launch_fwd_nhwc(const DwFwdParams& p, cudaStream_t stream) {
   // each thread walking many items with its taps in registers. At least one thread per channel
   // vector (dw_fwd_nhwc_thread needs nthreads >= C / VEC).
   const int64_t CG = s.C / VEC;
-  const int64_t items = nhwc_pixel_items<S>(s) * CG;
   const int64_t min_blocks = (CG + kDwThreads - 1) / kDwThreads;
-  if (min_blocks > (int64_t(1) << 30)) return cudaErrorInvalidConfiguration;
+  if (min_blocks > (int64_t(1) << 20)) return cudaErrorInvalidConfiguration;
   static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
-  int64_t blocks = (items + kDwThreads - 1) / kDwThreads;
-  const int64_t wave = resident_blocks(kernel, cached_wave);
-  if (wave > 0 && blocks > wave) blocks = wave;
-  if (blocks < min_blocks) blocks = min_blocks;
-  kernel<<<static_cast<unsigned>(blocks), kDwThreads, 0, stream>>>(
+  const unsigned blocks =
+      persistent_grid(dw_nhwc_pixel_items(s) * CG, min_blocks, kernel, cached_wave);
+  kernel<<<blocks, kDwThreads, 0, stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.scale),
       static_cast<const Acc*>(p.shift), static_cast<T*>(p.y), s);
   return cudaGetLastError();
@@ -317,21 +319,42 @@ cudaError_t launch_fwd_nchw(const DwFwdParams& p, DType dtype, cudaStream_t stre
   return cudaGetLastError();
 }
 
-template <typename T, int S, bool NHWC>
-cudaError_t launch_stats(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
+template <typename Acc>
+cudaError_t launch_stats_finalize(const DwStatsParams& p, int64_t chunks, cudaStream_t stream) {
+  const int L = finalize_lanes(chunks);
+  dw_stats_finalize_kernel<Acc><<<finalize_blocks(p.s.C, L), kDwThreads, 0, stream>>>(
+      static_cast<const Acc*>(p.workspace), chunks, p.s.C, L, static_cast<Acc*>(p.mean),
+      static_cast<Acc*>(p.var));
+  return cudaGetLastError();
+}
+
+template <typename T, int S, int VEC>
+cudaError_t launch_stats_nhwc(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwNhwcChunks g = dw_nhwc_chunks(p.s, dtype);
+  const auto kernel = dw_stats_nhwc_kernel<T, S, VEC>;
+  static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
+  const unsigned blocks = persistent_grid(g.chunks * (p.s.C / VEC), 1, kernel, cached_wave);
+  kernel<<<blocks, kDwThreads, 0, stream>>>(static_cast<const T*>(p.x),
+                                            static_cast<const T*>(p.weight),
+                                            static_cast<Acc*>(p.workspace), p.s, g);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_stats_finalize<Acc>(p, g.chunks, stream);
+}
+
+template <typename T, int S>
+cudaError_t launch_stats_nchw(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwPlan g = dw_plan(DwKernel::kStats, p.s, dtype);
   if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
-  Acc* ws = static_cast<Acc*>(p.workspace);
   const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
-  dw_stats_kernel<T, S, NHWC><<<grid, kDwThreads, g.smem_bytes, stream>>>(
-      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), ws, p.s, g);
-  cudaError_t err = cudaGetLastError();
+  dw_stats_kernel<T, S, false><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<Acc*>(p.workspace),
+      p.s, g);
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int L = finalize_lanes(g.chunks);
-  dw_stats_finalize_kernel<Acc><<<finalize_blocks(p.s.C, L), kDwThreads, 0, stream>>>(
-      ws, g.chunks, p.s.C, L, static_cast<Acc*>(p.mean), static_cast<Acc*>(p.var));
-  return cudaGetLastError();
+  return launch_stats_finalize<Acc>(p, g.chunks, stream);
 }
 
 }  // namespace
@@ -365,11 +388,16 @@ cudaError_t dw_stats(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
   if (s.stride != 1 && s.stride != 2) return cudaErrorInvalidValue;
   DWSEP_DISPATCH_DTYPE(dtype, T, {
     if (s.nhwc) {
-      return s.stride == 1 ? launch_stats<T, 1, true>(p, dtype, stream)
-                           : launch_stats<T, 2, true>(p, dtype, stream);
+      constexpr int kVec = 16 / sizeof(T);
+      if (s.C % kVec == 0 && aligned16(p.x)) {
+        return s.stride == 1 ? launch_stats_nhwc<T, 1, kVec>(p, dtype, stream)
+                             : launch_stats_nhwc<T, 2, kVec>(p, dtype, stream);
+      }
+      return s.stride == 1 ? launch_stats_nhwc<T, 1, 1>(p, dtype, stream)
+                           : launch_stats_nhwc<T, 2, 1>(p, dtype, stream);
     }
-    return s.stride == 1 ? launch_stats<T, 1, false>(p, dtype, stream)
-                         : launch_stats<T, 2, false>(p, dtype, stream);
+    return s.stride == 1 ? launch_stats_nchw<T, 1>(p, dtype, stream)
+                         : launch_stats_nchw<T, 2>(p, dtype, stream);
   });
   return cudaSuccess;
 }

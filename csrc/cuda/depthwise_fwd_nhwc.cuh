@@ -1,27 +1,21 @@
-// dw_fwd, channels_last, registers only: the work of one thread, as a __host__ __device__
-// function of (thread id, thread count). The kernel in depthwise_fwd.cu calls it with its grid
-// index; tests/cuda_host/dw_fwd_nhwc_host.cu calls it on the host for every thread id in turn,
-// which checks the indexing of this kernel (bounds under AddressSanitizer, every output written,
-// values against the float64 reference) on a machine with no GPU. It uses no shared memory, no
-// synchronization and no other thread's data, so running the threads one after another on the
-// host computes exactly what the GPU computes.
+// dw_fwd and dw_stats, channels_last, registers only: the work of one thread, as __host__
+// __device__ functions of (thread id, thread count). The kernels in depthwise_fwd.cu call them
+// with their grid index; tests/cuda_host/dw_nhwc_host.cu calls them on the host for every
+// thread id in turn, which checks their indexing (bounds under AddressSanitizer, every output
+// written) and arithmetic against the float64 reference on a machine with no GPU. They use no
+// shared memory, no synchronization and no other thread's data, so running the threads one
+// after another on the host computes what the GPU computes.
 //
-// Each thread owns one channel vector (VEC channels) for the whole launch and loads its 9 x VEC
-// taps and its folded scale/shift once. The weight is (C, 9), so those loads are strided
-// scalars: done per work item (as up to session 11) they were 72 scalar loads against 30 vector
-// loads of x for bf16, and the kernel ran at 0.93x eager on the H100 (session 3). Thread t takes
-// channel vector t % CG and walks the pixel items (n, ho, strip of TWS output columns)
-// t / CG, t / CG + workers, ... with workers = nthreads / CG; threads t >= workers * CG idle.
-// Consecutive threads take consecutive channel vectors of the same pixels, so each warp load or
-// store is a contiguous run of 16-byte vectors.
+// A thread owns one channel vector (VEC channels) at a time and keeps its 9 x VEC taps in
+// registers while it walks many pixel items (n, ho, strip of TWS output columns; depthwise.h).
+// The weight is (C, 9), so loading the taps is VEC x 9 strided scalar loads: done per pixel
+// item (as up to session 11) that was 72 scalar loads against 30 vector loads of x for bf16,
+// and the forward ran at 0.93x eager on the H100 (session 3). Consecutive threads take
+// consecutive channel vectors of the same pixels, so each warp load or store is a contiguous run
+// of 16-byte vectors.
 //
-// Within an item the thread slides a 3x3 window of input vectors along W: win[i][a] holds input
-// row ho*S + i - 1, column wo*S + a - 1 for the current output wo. Stepping wo -> wo+1 shifts
-// the window by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and loads one new column;
-// S = 2 reuses column 2 as 0 and loads two new columns.
-//
-// VEC = 16 / sizeof(T) needs C % VEC == 0 and 16-byte aligned x and y (every vector then starts
-// at a multiple of VEC elements); VEC = 1 is the scalar fallback for any C.
+// VEC = 16 / sizeof(T) needs C % VEC == 0 and 16-byte aligned x (and y); VEC = 1 is the scalar
+// path for any C.
 #pragma once
 
 #include "cuda/cuda_common.cuh"
@@ -35,19 +29,103 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-// Output columns per pixel item.
-template <int S>
-__host__ __device__ constexpr int nhwc_strip_width() {
-  return S == 1 ? 8 : 4;
+// The taps of channels [c0, c0 + VEC), in registers.
+template <typename T, int VEC>
+struct NhwcTapRegs {
+  using Acc = typename AccOf<T>::type;
+  Acc w[9][VEC];
+
+  __host__ __device__ __forceinline__ NhwcTapRegs(const T* __restrict__ weight, int64_t c0) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+#pragma unroll
+      for (int k = 0; k < 9; ++k) w[k][v] = to_acc<Acc>(weight[(c0 + v) * 9 + k]);
+    }
+  }
+};
+
+// z of channels [c0, c0 + VEC) at every output of pixel item `item`, in column order:
+// f(wo, z) with z an Acc[VEC]. A 3x3 window of input vectors slides along W: win[i][a] holds
+// input row ho*S + i - 1, column wo*S + a - 1 for the current output wo. Stepping wo -> wo+1
+// shifts it by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and loads one new column;
+// S = 2 reuses column 2 as 0 and loads two new columns.
+template <typename T, int S, int VEC, class F>
+__host__ __device__ __forceinline__ void nhwc_strip(const T* __restrict__ x,
+                                                    const NhwcTapRegs<T, VEC>& taps,
+                                                    const DwShape& s, int64_t c0, int64_t item,
+                                                    F&& f) {
+  using Acc = typename AccOf<T>::type;
+  using V = Vec<T, VEC>;
+  constexpr int TWS = dw_nhwc_strip_width(S);
+  const int64_t strips = (s.Wo + TWS - 1) / TWS;
+  const int64_t strip = item % strips;
+  const int64_t ho = (item / strips) % s.Ho;
+  const int64_t n = item / strips / s.Ho;
+  V zero;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) zero.v[v] = from_acc<T>(Acc(0));
+
+  // Row pointers (at column 0, channel c0) of the three input rows; rows outside [0, H) are
+  // zero padding and never dereferenced.
+  const T* rowp[3];
+  bool rowok[3];
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    const int64_t hi = ho * S + i - 1;
+    rowok[i] = hi >= 0 && hi < s.H;
+    rowp[i] = x + ((n * s.H + (rowok[i] ? hi : 0)) * s.W) * s.C + c0;
+  }
+  // Loads input column wi of the three rows into window column a.
+  V win[3][3];
+  auto load_col = [&](int a, int64_t wi) {
+    const bool colok = wi >= 0 && wi < s.W;
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      win[i][a] = (rowok[i] && colok) ? *reinterpret_cast<const V*>(rowp[i] + wi * s.C) : zero;
+    }
+  };
+
+  const int64_t wo0 = strip * TWS;
+#pragma unroll
+  for (int kk = 0; kk < TWS; ++kk) {
+    const int64_t wo = wo0 + kk;
+    if (wo >= s.Wo) break;
+    if (kk == 0) {
+      load_col(0, wo * S - 1);
+      load_col(1, wo * S);
+      load_col(2, wo * S + 1);
+    } else if (S == 1) {
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+        win[i][0] = win[i][1];
+        win[i][1] = win[i][2];
+      }
+      load_col(2, wo * S + 1);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 3; ++i) win[i][0] = win[i][2];
+      load_col(1, wo * S);
+      load_col(2, wo * S + 1);
+    }
+    Acc z[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      Acc a = Acc(0);
+#pragma unroll
+      for (int i = 0; i < 3; ++i) {
+#pragma unroll
+        for (int j = 0; j < 3; ++j) a += to_acc<Acc>(win[i][j].v[v]) * taps.w[i * 3 + j][v];
+      }
+      z[v] = a;
+    }
+    f(wo, z);
+  }
 }
 
-// Pixel items (n, ho, strip) of a shape.
-template <int S>
-__host__ __device__ inline int64_t nhwc_pixel_items(const DwShape& s) {
-  constexpr int TWS = nhwc_strip_width<S>();
-  return s.N * s.Ho * ((s.Wo + TWS - 1) / TWS);
-}
-
+// dw_fwd: y = act(z * scale + shift). Thread t takes channel vector t % CG (CG = C / VEC) for the
+// whole launch, with its taps, scale and shift loaded once, and the pixel items t / CG,
+// t / CG + workers, ... (workers = nthreads / CG; threads t >= workers * CG idle). The launcher
+// gives at least CG threads.
 template <typename T, int S, int ACT, int VEC>
 __host__ __device__ __forceinline__ void dw_fwd_nhwc_thread(
     const T* __restrict__ x, const T* __restrict__ w,
@@ -56,86 +134,69 @@ __host__ __device__ __forceinline__ void dw_fwd_nhwc_thread(
     int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
   using V = Vec<T, VEC>;
-  constexpr int TWS = nhwc_strip_width<S>();
   const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
   const int64_t workers = nthreads / CG;
   if (tid >= workers * CG) return;
   const int64_t c0 = (tid % CG) * VEC;
-  const int64_t strips = (s.Wo + TWS - 1) / TWS;
-  const int64_t items = nhwc_pixel_items<S>(s);
-
-  Acc wr[9][VEC], sc[VEC], sh[VEC];
+  const int64_t items = dw_nhwc_pixel_items(s);
+  const NhwcTapRegs<T, VEC> taps(w, c0);
+  Acc sc[VEC], sh[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-#pragma unroll
-    for (int k = 0; k < 9; ++k) wr[k][v] = to_acc<Acc>(w[(c0 + v) * 9 + k]);
     sc[v] = scale[c0 + v];
     sh[v] = shift[c0 + v];
   }
-  V zero;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) zero.v[v] = from_acc<T>(Acc(0));
-
+  constexpr int TWS = dw_nhwc_strip_width(S);
+  const int64_t strips = (s.Wo + TWS - 1) / TWS;
   for (int64_t item = tid / CG; item < items; item += workers) {
-    const int64_t strip = item % strips;
-    const int64_t ho = (item / strips) % s.Ho;
-    const int64_t n = item / strips / s.Ho;
-
-    // Row pointers (at column 0, channel c0) of the three input rows; rows outside [0, H)
-    // are zero padding and never dereferenced.
-    const T* rowp[3];
-    bool rowok[3];
-#pragma unroll
-    for (int i = 0; i < 3; ++i) {
-      const int64_t hi = ho * S + i - 1;
-      rowok[i] = hi >= 0 && hi < s.H;
-      rowp[i] = x + ((n * s.H + (rowok[i] ? hi : 0)) * s.W) * s.C + c0;
-    }
-    // Loads input column wi of the three rows into window column a.
-    V win[3][3];
-    auto load_col = [&](int a, int64_t wi) {
-      const bool colok = wi >= 0 && wi < s.W;
-#pragma unroll
-      for (int i = 0; i < 3; ++i) {
-        win[i][a] = (rowok[i] && colok) ? *reinterpret_cast<const V*>(rowp[i] + wi * s.C) : zero;
-      }
-    };
-
-    T* yrow = y + ((n * s.Ho + ho) * s.Wo) * s.C + c0;
-    const int64_t wo0 = strip * TWS;
-#pragma unroll
-    for (int kk = 0; kk < TWS; ++kk) {
-      const int64_t wo = wo0 + kk;
-      if (wo >= s.Wo) break;
-      if (kk == 0) {
-        load_col(0, wo * S - 1);
-        load_col(1, wo * S);
-        load_col(2, wo * S + 1);
-      } else if (S == 1) {
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-          win[i][0] = win[i][1];
-          win[i][1] = win[i][2];
-        }
-        load_col(2, wo * S + 1);
-      } else {
-#pragma unroll
-        for (int i = 0; i < 3; ++i) win[i][0] = win[i][2];
-        load_col(1, wo * S);
-        load_col(2, wo * S + 1);
-      }
+    T* yrow = y + ((item / strips) * s.Wo) * s.C + c0;  // item / strips = n * Ho + ho
+    nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t wo, const Acc* z) {
       V out;
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        Acc z = Acc(0);
-#pragma unroll
-        for (int i = 0; i < 3; ++i) {
-#pragma unroll
-          for (int a = 0; a < 3; ++a) z += to_acc<Acc>(win[i][a].v[v]) * wr[i * 3 + a][v];
-        }
-        out.v[v] = from_acc<T>(apply_act<ACT>(z * sc[v] + sh[v]));
-      }
+      for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(apply_act<ACT>(z[v] * sc[v] + sh[v]));
       *reinterpret_cast<V*>(yrow + wo * s.C) = out;
+    });
+  }
+}
+
+// dw_stats, stage 1: for each (chunk j, channel vector) pair of the partition
+// dw_nhwc_chunks(s, dtype) = g (pair index j * CG + cg; thread t takes pairs t,
+// t + nthreads, ...), the count, mean and M2 of z over the chunk's outputs, Welford in Acc (one
+// reciprocal per output pixel, shared by the VEC channels), written to
+// ws[(j * C + c) * 3 + {0, 1, 2}]. dw_stats_finalize_kernel merges the chunks in a fixed order.
+template <typename T, int S, int VEC>
+__host__ __device__ __forceinline__ void dw_stats_nhwc_thread(
+    const T* __restrict__ x, const T* __restrict__ w, typename AccOf<T>::type* ws, const DwShape& s,
+    const DwNhwcChunks& g, int64_t tid, int64_t nthreads) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
+  for (int64_t pair = tid; pair < g.chunks * CG; pair += nthreads) {
+    const int64_t chunk = pair / CG;
+    const int64_t c0 = (pair % CG) * VEC;
+    const NhwcTapRegs<T, VEC> taps(w, c0);
+    Acc cnt = Acc(0), mean[VEC], m2[VEC];
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) mean[v] = m2[v] = Acc(0);
+    const int64_t it0 = chunk * g.items_per_chunk;
+    const int64_t it1 = it0 + g.items_per_chunk < g.items ? it0 + g.items_per_chunk : g.items;
+    for (int64_t item = it0; item < it1; ++item) {
+      nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t, const Acc* z) {
+        cnt += Acc(1);
+        const Acc r = Acc(1) / cnt;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const Acc d = z[v] - mean[v];
+          mean[v] += d * r;
+          m2[v] += d * (z[v] - mean[v]);
+        }
+      });
+    }
+    Acc* o = ws + (chunk * s.C + c0) * 3;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      o[3 * v] = cnt;
+      o[3 * v + 1] = mean[v];
+      o[3 * v + 2] = m2[v];
     }
   }
 }

@@ -36,9 +36,6 @@ __device__ __forceinline__ bool pass(int act, Acc u) {
 int64_t cdiv(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
 unsigned grid_1d(int64_t n_items) {
   const int64_t blocks = cdiv(n_items, kThreads);
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 65536 * 8)));

@@ -746,9 +746,6 @@ __global__ void __launch_bounds__(256)
 int64_t cdiv(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
 int elem_size(DType d) {
   switch (d) {
     case DType::kFloat64:

@@ -1,0 +1,188 @@
+// Host runs of the channels_last depthwise kernels' per-thread bodies
+// (csrc/cuda/depthwise_fwd_nhwc.cuh): every thread id of an emulated grid in turn, on the CPU.
+// Built with the host C++ compiler (as C++, the CUDA headers for the storage types) and
+// AddressSanitizer + UBSan by tests/test_cuda_host.py, which writes the inputs, runs this program
+// and compares its output with the float64 reference. Buffers are allocated at their exact
+// sizes, so a read or write one element out of bounds stops the run.
+//
+//   dw_nhwc_host OP DIR DTYPE N C H W STRIDE ACT VEC NTHREADS
+//     OP: fwd (dw_fwd_nhwc_thread: x, w, scale, shift -> y), stats (dw_stats_nhwc_thread:
+//     x, w -> ws, the [chunks][C][3] moments of dw_nhwc_chunks; ACT ignored) or reduce
+//     (dw_bwd_reduce_nhwc_thread: grad_y, y_saved, x, w, mean, invstd -> ws, [chunks][C][2])
+//     DIR: the inputs as NAME.bin, the output as y.bin or ws.bin (raw, native byte order)
+//     DTYPE: float32 | float64 | float16 | bfloat16; VEC: 1 (scalar) or 0 (16-byte vectors,
+//     needs C % (16 / element size) == 0); NTHREADS: the emulated grid's thread count.
+// The output is filled with 0xff bytes (NaN in every dtype) before the run, so a value the
+// kernel does not write shows up as NaN.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cuda/depthwise_bwd_nhwc.cuh"
+
+namespace {
+
+using dwsep::cuda::AccOf;
+using dwsep::cuda::DType;
+using dwsep::cuda::DwShape;
+
+std::vector<unsigned char> read_file(const std::string& path, size_t bytes) {
+  std::vector<unsigned char> buf(bytes);
+  FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr) {
+    std::fprintf(stderr, "cannot open %s\n", path.c_str());
+    std::exit(2);
+  }
+  const size_t got = bytes == 0 ? 0 : std::fread(buf.data(), 1, bytes, f);
+  std::fclose(f);
+  if (got != bytes) {
+    std::fprintf(stderr, "%s: expected %zu bytes, read %zu\n", path.c_str(), bytes, got);
+    std::exit(2);
+  }
+  return buf;
+}
+
+// A heap copy of exactly `count` elements, so that AddressSanitizer bounds the kernel's
+// accesses at the tensor's own end.
+template <typename U>
+U* exact_copy(const std::vector<unsigned char>& src, size_t count) {
+  U* p = static_cast<U*>(std::malloc(count * sizeof(U) > 0 ? count * sizeof(U) : 1));
+  if (count > 0) std::memcpy(p, src.data(), count * sizeof(U));
+  return p;
+}
+
+template <typename U>
+U* nan_filled(size_t count) {
+  U* p = static_cast<U*>(std::malloc(count * sizeof(U) > 0 ? count * sizeof(U) : 1));
+  std::memset(p, 0xff, count * sizeof(U));
+  return p;
+}
+
+template <typename U>
+int write_file(const std::string& path, const U* p, size_t count) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  const bool ok = f != nullptr && std::fwrite(p, sizeof(U), count, f) == count;
+  if (f != nullptr) std::fclose(f);
+  if (!ok) std::fprintf(stderr, "cannot write %s\n", path.c_str());
+  return ok ? 0 : 2;
+}
+
+// ACT >= 0: the forward with that activation; ACT = -1: the reductions (stats, reduce; the
+// latter takes the activation at run time, as its kernel), instantiated once per (T, S, VEC).
+template <typename T, int S, int ACT, int VEC>
+int run(const std::string& op, const std::string& dir, const DwShape& s, DType dtype, int act,
+        int64_t nthreads) {
+  using Acc = typename AccOf<T>::type;
+  const size_t nx = s.N * s.C * s.H * s.W, ny = s.N * s.C * s.Ho * s.Wo, nw = s.C * 9;
+  T* x = exact_copy<T>(read_file(dir + "/x.bin", nx * sizeof(T)), nx);
+  T* w = exact_copy<T>(read_file(dir + "/w.bin", nw * sizeof(T)), nw);
+  int rc = 0;
+  if constexpr (ACT >= 0) {
+    Acc* sc = exact_copy<Acc>(read_file(dir + "/scale.bin", s.C * sizeof(Acc)), s.C);
+    Acc* sh = exact_copy<Acc>(read_file(dir + "/shift.bin", s.C * sizeof(Acc)), s.C);
+    T* y = nan_filled<T>(ny);
+    for (int64_t t = 0; t < nthreads; ++t)
+      dwsep::cuda::dw_fwd_nhwc_thread<T, S, ACT, VEC>(x, w, sc, sh, y, s, t, nthreads);
+    rc = write_file(dir + "/y.bin", y, ny);
+    std::free(sc);
+    std::free(sh);
+    std::free(y);
+  } else if (op == "stats") {
+    const dwsep::cuda::DwNhwcChunks g = dwsep::cuda::dw_nhwc_chunks(s, dtype);
+    const size_t nws = g.chunks * s.C * 3;
+    Acc* ws = nan_filled<Acc>(nws);
+    for (int64_t t = 0; t < nthreads; ++t)
+      dwsep::cuda::dw_stats_nhwc_thread<T, S, VEC>(x, w, ws, s, g, t, nthreads);
+    rc = write_file(dir + "/ws.bin", ws, nws);
+    std::free(ws);
+  } else {
+    T* gy = exact_copy<T>(read_file(dir + "/grad_y.bin", ny * sizeof(T)), ny);
+    T* ys = exact_copy<T>(read_file(dir + "/y_saved.bin", ny * sizeof(T)), ny);
+    Acc* mu = exact_copy<Acc>(read_file(dir + "/mean.bin", s.C * sizeof(Acc)), s.C);
+    Acc* is = exact_copy<Acc>(read_file(dir + "/invstd.bin", s.C * sizeof(Acc)), s.C);
+    const dwsep::cuda::DwNhwcChunks g = dwsep::cuda::dw_nhwc_chunks(s, dtype);
+    const size_t nws = g.chunks * s.C * 2;
+    Acc* ws = nan_filled<Acc>(nws);
+    for (int64_t t = 0; t < nthreads; ++t) {
+      dwsep::cuda::dw_bwd_reduce_nhwc_thread<T, S, VEC>(gy, ys, x, w, mu, is, ws, s, g, act, t,
+                                                        nthreads);
+    }
+    rc = write_file(dir + "/ws.bin", ws, nws);
+    for (void* p : {static_cast<void*>(gy), static_cast<void*>(ys), static_cast<void*>(mu),
+                    static_cast<void*>(is), static_cast<void*>(ws)})
+      std::free(p);
+  }
+  std::free(x);
+  std::free(w);
+  return rc;
+}
+
+template <typename T>
+int dispatch(const std::string& op, const std::string& dir, const DwShape& s, DType dtype, int act,
+             bool vec, int64_t nthreads) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (vec && s.C % kVec != 0) {
+    std::fprintf(stderr, "VEC=0 (vectors) needs C %% %d == 0, got C=%lld\n", kVec,
+                 static_cast<long long>(s.C));
+    return 2;
+  }
+  // The forward's launcher gives at least a thread per channel vector (launch_fwd_nhwc).
+  if (op == "fwd" && nthreads < s.C / (vec ? kVec : 1)) {
+    std::fprintf(stderr, "NTHREADS must be at least C / VEC\n");
+    return 2;
+  }
+#define DWSEP_HOST_RUN(S_, ACT_)                                        \
+  return vec ? run<T, S_, ACT_, kVec>(op, dir, s, dtype, act, nthreads) \
+             : run<T, S_, ACT_, 1>(op, dir, s, dtype, act, nthreads)
+  if (op != "fwd") {
+    if (s.stride == 1) DWSEP_HOST_RUN(1, -1);
+    DWSEP_HOST_RUN(2, -1);
+  }
+  if (s.stride == 1) {
+    if (act == 0) DWSEP_HOST_RUN(1, 0);
+    if (act == 1) DWSEP_HOST_RUN(1, 1);
+    DWSEP_HOST_RUN(1, 2);
+  }
+  if (act == 0) DWSEP_HOST_RUN(2, 0);
+  if (act == 1) DWSEP_HOST_RUN(2, 1);
+  DWSEP_HOST_RUN(2, 2);
+#undef DWSEP_HOST_RUN
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 12) {
+    std::fprintf(stderr, "usage: %s OP DIR DTYPE N C H W STRIDE ACT VEC NTHREADS\n", argv[0]);
+    return 2;
+  }
+  const std::string op = argv[1], dir = argv[2], dtype = argv[3];
+  DwShape s{};
+  s.N = std::atoll(argv[4]);
+  s.C = std::atoll(argv[5]);
+  s.H = std::atoll(argv[6]);
+  s.W = std::atoll(argv[7]);
+  s.stride = std::atoi(argv[8]);
+  s.Ho = (s.H - 1) / s.stride + 1;
+  s.Wo = (s.W - 1) / s.stride + 1;
+  s.nhwc = true;
+  const int act = std::atoi(argv[9]);
+  const bool vec = std::atoi(argv[10]) == 0;
+  const int64_t nthreads = std::atoll(argv[11]);
+  if ((op != "fwd" && op != "stats" && op != "reduce") || (s.stride != 1 && s.stride != 2) ||
+      act < 0 || act > 2 || nthreads < 1) {
+    std::fprintf(stderr,
+                 "bad arguments (OP fwd|stats|reduce, stride 1|2, act 0..2, NTHREADS >= 1)\n");
+    return 2;
+  }
+  if (dtype == "float32") return dispatch<float>(op, dir, s, DType::kFloat32, act, vec, nthreads);
+  if (dtype == "float64") return dispatch<double>(op, dir, s, DType::kFloat64, act, vec, nthreads);
+  if (dtype == "float16") return dispatch<__half>(op, dir, s, DType::kFloat16, act, vec, nthreads);
+  if (dtype == "bfloat16") {
+    return dispatch<__nv_bfloat16>(op, dir, s, DType::kBFloat16, act, vec, nthreads);
+  }
+  std::fprintf(stderr, "unknown dtype %s\n", dtype.c_str());
+  return 2;
+}
