@@ -330,14 +330,11 @@ template <typename T, int S, int VEC>
 cudaError_t launch_bwd_reduce_nhwc(const DwBwdReduceParams& p, DType dtype, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwNhwcChunks g = dw_nhwc_chunks(p.s, dtype);
-  const auto kernel = dw_bwd_reduce_nhwc_kernel<T, S, VEC>;
-  static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
-  const unsigned blocks = persistent_grid(g.chunks * (p.s.C / VEC), 1, kernel, cached_wave);
-  kernel<<<blocks, kDwThreads, 0, stream>>>(
-      static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
-      static_cast<const T*>(p.weight), static_cast<const Acc*>(p.mean),
-      static_cast<const Acc*>(p.invstd), static_cast<Acc*>(p.workspace), p.s, g, p.act);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_persistent<dw_bwd_reduce_nhwc_kernel<T, S, VEC>>(
+      g.chunks * (p.s.C / VEC), 1, stream, static_cast<const T*>(p.grad_y),
+      static_cast<const T*>(p.y), static_cast<const T*>(p.x), static_cast<const T*>(p.weight),
+      static_cast<const Acc*>(p.mean), static_cast<const Acc*>(p.invstd),
+      static_cast<Acc*>(p.workspace), p.s, g, p.act);
   if (err != cudaSuccess) return err;
   return launch_bwd_reduce_finalize<Acc>(p, g.chunks, stream);
 }

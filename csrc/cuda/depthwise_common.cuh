@@ -188,6 +188,16 @@ inline unsigned persistent_grid(int64_t work, int64_t min_blocks, Kernel kernel,
   return static_cast<unsigned>(blocks > kMaxBlocks ? kMaxBlocks : blocks);
 }
 
+// Launches kKernel (a __global__ function of kDwThreads-thread blocks) on persistent_grid(work,
+// min_blocks), with its resident-wave count cached per kernel and device.
+template <auto kKernel, typename... Args>
+cudaError_t launch_persistent(int64_t work, int64_t min_blocks, cudaStream_t stream, Args... args) {
+  static std::atomic<int> cached_wave[kMaxCachedDevices];  // 0 = not yet queried
+  const unsigned blocks = persistent_grid(work, min_blocks, kKernel, cached_wave);
+  kKernel<<<blocks, kDwThreads, 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 inline unsigned grid_1d(int64_t work_items, int64_t per_block) {
   const int64_t blocks = (work_items + per_block - 1) / per_block;
   constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest

@@ -288,20 +288,16 @@ template <typename T, int S, int ACT, int VEC>
 cudaError_t launch_fwd_nhwc(const DwFwdParams& p, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwShape& s = p.s;
-  const auto kernel = dw_fwd_nhwc_kernel<T, S, ACT, VEC>;
   // One item per thread when they all fit in one wave of resident blocks; otherwise that wave,
   // each thread walking many items with its taps in registers. At least one thread per channel
   // vector (dw_fwd_nhwc_thread needs nthreads >= C / VEC).
   const int64_t CG = s.C / VEC;
   const int64_t min_blocks = (CG + kDwThreads - 1) / kDwThreads;
   if (min_blocks > (int64_t(1) << 20)) return cudaErrorInvalidConfiguration;
-  static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
-  const unsigned blocks =
-      persistent_grid(dw_nhwc_pixel_items(s) * CG, min_blocks, kernel, cached_wave);
-  kernel<<<blocks, kDwThreads, 0, stream>>>(
-      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.scale),
+  return launch_persistent<dw_fwd_nhwc_kernel<T, S, ACT, VEC>>(
+      dw_nhwc_pixel_items(s) * CG, min_blocks, stream, static_cast<const T*>(p.x),
+      static_cast<const T*>(p.weight), static_cast<const Acc*>(p.scale),
       static_cast<const Acc*>(p.shift), static_cast<T*>(p.y), s);
-  return cudaGetLastError();
 }
 
 template <typename T, int S, int ACT>
@@ -332,13 +328,9 @@ template <typename T, int S, int VEC>
 cudaError_t launch_stats_nhwc(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwNhwcChunks g = dw_nhwc_chunks(p.s, dtype);
-  const auto kernel = dw_stats_nhwc_kernel<T, S, VEC>;
-  static std::atomic<int> cached_wave[kMaxCachedDevices];  // per device; 0 = not yet queried
-  const unsigned blocks = persistent_grid(g.chunks * (p.s.C / VEC), 1, kernel, cached_wave);
-  kernel<<<blocks, kDwThreads, 0, stream>>>(static_cast<const T*>(p.x),
-                                            static_cast<const T*>(p.weight),
-                                            static_cast<Acc*>(p.workspace), p.s, g);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_persistent<dw_stats_nhwc_kernel<T, S, VEC>>(
+      g.chunks * (p.s.C / VEC), 1, stream, static_cast<const T*>(p.x),
+      static_cast<const T*>(p.weight), static_cast<Acc*>(p.workspace), p.s, g);
   if (err != cudaSuccess) return err;
   return launch_stats_finalize<Acc>(p, g.chunks, stream);
 }
