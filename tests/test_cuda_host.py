@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dwsep.testing import TOLERANCES, assert_close
+from dwsep.testing import GRAD_TOLERANCES, TOLERANCES, assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tests" / "cuda_host" / "dw_nhwc_host.cu"
@@ -74,9 +74,10 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def run_host(binary: Path, workdir: Path, op, x, w, stride, act, vec, nthreads, **inputs):
-    """The emulated launch's output: y (an NCHW view of the NHWC result) for ``op="fwd"``, the
-    [chunks, C, 3] (``"stats"``) or [chunks, C, 2] (``"reduce"``) workspace otherwise. ``inputs``:
-    the op's other tensors by file name (scale, shift; grad_y, y_saved, mean, invstd); 4-D ones
+    """The emulated launch's output: y (an NCHW view of the NHWC result) for ``op="fwd"``; the
+    [chunks, C, 3] (``"stats"``) or [chunks, C, 2] (``"reduce"``) workspace; (grad_x, the
+    [chunks, C, 9] weight-gradient partials) for ``"bwd"`` / ``"bwd_noz"``. ``inputs``: the op's
+    other tensors by file name (scale, shift; grad_y, y_saved, mean, invstd, k, b, c); 4-D ones
     are written in NHWC order."""
     n, c, h, wd = x.shape
     for name, t in dict(inputs, x=x, w=w.reshape(c, 9)).items():
@@ -87,13 +88,18 @@ def run_host(binary: Path, workdir: Path, op, x, w, stride, act, vec, nthreads, 
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=0")
     res = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env)
     assert res.returncode == 0, f"{args[1:]}: exit {res.returncode}\n{res.stderr[-4000:]}"
-    out_dtype = x.dtype if op == "fwd" else ACC[x.dtype]
-    raw = bytearray((workdir / ("y.bin" if op == "fwd" else "ws.bin")).read_bytes())
-    out = torch.frombuffer(raw, dtype=out_dtype) if raw else torch.empty(0, dtype=out_dtype)
-    if op != "fwd":
-        return out.reshape(-1, c, 3 if op == "stats" else 2)
-    ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
-    return out.reshape(n, ho, wo, c).permute(0, 3, 1, 2)
+
+    def read(name, dtype):
+        raw = bytearray((workdir / name).read_bytes())
+        return torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+
+    if op in ("stats", "reduce"):
+        return read("ws.bin", ACC[x.dtype]).reshape(-1, c, 3 if op == "stats" else 2)
+    if op == "fwd":
+        ho, wo = (h - 1) // stride + 1, (wd - 1) // stride + 1
+        return read("y.bin", x.dtype).reshape(n, ho, wo, c).permute(0, 3, 1, 2)
+    grad_x = read("y.bin", x.dtype).reshape(n, h, wd, c).permute(0, 3, 1, 2)
+    return grad_x, read("ws.bin", ACC[x.dtype]).reshape(-1, c, 9)
 
 
 def conv_f64(x, w, stride):
@@ -248,3 +254,67 @@ def test_dw_bwd_reduce_nhwc_thread_matches_reference(host_binary, tmp_path, dtyp
             )  # fmt: skip
             what = f"{tuple(x.shape)} s{stride} {act} vec={vec} nthreads={nthreads}"
             assert_close(ws.double().sum(0), ref, tol, what, scale=spread)
+
+
+def bwd_runs(c, vec_width):
+    """(vector path?, thread count) runs of the backward: the dx pass needs a thread per channel
+    vector, so at least that many; for the wide shape one run."""
+    if c > 1024:
+        return [(True, max(257, c // vec_width))]
+    runs = []
+    for vec in [True, False] if c % vec_width == 0 else [False]:
+        cg = c // vec_width if vec else c
+        runs += [(vec, t) for t in sorted({cg, max(cg, 257), 3 * cg + 1})]
+    return runs
+
+
+@pytest.mark.parametrize("use_z", [True, False], ids=["z", "noz"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_dw_bwd_nhwc_threads_match_reference(host_binary, tmp_path, dtype, stride, use_z):
+    """g_conv = k * g_z + (b * z + c), then grad_x (the transposed conv of g_conv) and the
+    weight gradient's per-chunk partials (added here in float64), against autograd through the
+    float64 conv."""
+    vec_width = 16 // torch.empty(0, dtype=dtype).element_size()
+    vec_width = min(vec_width, 4)  # dw_bwd's dispatch: 4 channels per thread for 16-bit types
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    acts = list(ACT_CODES)
+    # The wide shape (several items per chunk) for one dtype: the chunk logic does not depend
+    # on it, and its float64 reference is slow.
+    shapes = STATS_SHAPES if dtype == torch.float32 else SHAPES
+    for i, (n, c, h, wd) in enumerate(shapes):
+        x, w, scale, shift = inputs((n, c, h, wd), dtype, 4000 * i + stride)
+        act = acts[i % len(acts)]
+        g = torch.Generator().manual_seed(10 + i)
+        y = reference(x, w, scale * 3, shift, stride, act).to(dtype)  # wide: both kinks
+        grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+        k, b, cc = (torch.randn(c, generator=g, dtype=torch.float64).to(ACC[dtype]) for _ in "kbc")
+        xd = x.double().requires_grad_(True)
+        wdd = w.double().requires_grad_(True)
+        z = conv_f64(xd, wdd, stride)
+        yd = y.double()
+        passes = {None: torch.ones_like(yd, dtype=torch.bool), "relu": yd > 0}
+        passes["relu6"] = (yd > 0) & (yd < 6)
+        gz = torch.where(passes[act], grad_y.double(), torch.zeros_like(yd))
+        per_c = lambda v: v.double().view(1, -1, 1, 1)  # noqa: E731
+        gconv = per_c(k) * gz
+        if use_z:
+            gconv = gconv + (per_c(b) * z.detach() + per_c(cc))
+        ref_gx, ref_gw = torch.autograd.grad(z, (xd, wdd), gconv)
+        # Sums of mixed signs: the weight gradient against the sum of |terms|.
+        wabs = w.double().abs().requires_grad_(True)
+        (gw_scale,) = torch.autograd.grad(
+            conv_f64(x.double().abs(), wabs, stride), wabs, gconv.abs()
+        )
+        gw_spread = float(gw_scale.abs().max())
+        for vec, nthreads in bwd_runs(c, vec_width):
+            gx, ws = run_host(
+                host_binary, tmp_path, "bwd" if use_z else "bwd_noz", x, w, stride, act, vec,
+                nthreads, grad_y=grad_y, y_saved=y, k=k, b=b, c=cc,
+            )  # fmt: skip
+            what = f"{tuple(x.shape)} s{stride} {act} vec={vec} nthreads={nthreads}"
+            assert_close(gx, ref_gx, GRAD_TOLERANCES[dtype], f"{what} grad_x")
+            gw = ws.double().sum(0).reshape(c, 1, 3, 3)
+            assert_close(gw, ref_gw, tol, f"{what} grad_w", scale=gw_spread)

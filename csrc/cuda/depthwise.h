@@ -76,7 +76,7 @@ struct DwBwdParams {
   bool use_z;
 };
 
-// The shared-memory tile kernels (NCHW forward, stats and bwd_reduce; bwd).
+// The shared-memory tile kernels (NCHW: forward, stats, bwd_reduce, bwd).
 enum class DwKernel : int { kFwdTile = 0, kStats = 1, kBwdReduce = 2, kBwd = 3 };
 
 // Tiling of a shared-memory tile kernel; a pure function of (kernel, shape, dtype), so the
@@ -225,12 +225,22 @@ inline DwNhwcChunks dw_nhwc_chunks(const DwShape& s, DType dtype) {
   return g;
 }
 
+// Channels_last dw_bwd workspace: the [chunks][C][9] weight-gradient partials, then (from this
+// offset, a multiple of 4 values so that the 16-byte vector accesses stay aligned) g_conv, dense
+// N x Ho x Wo x C.
+inline int64_t dw_nhwc_bwd_gconv_offset(const DwShape& s, DType dtype) {
+  return dw_ceil_div(dw_nhwc_chunks(s, dtype).chunks * s.C * 9, 4) * 4;
+}
+
 // Number of acc-dtype (fp32, or fp64 for fp64 x) values of the workspace the glue allocates
 // for dw_stats (kStats), dw_bwd_reduce (kBwdReduce) and dw_bwd (kBwd); 0 when numel is 0.
 inline int64_t dw_workspace_elems(DwKernel kind, const DwShape& s, DType dtype) {
   if (s.N * s.C * s.Ho * s.Wo == 0) return 0;
   if (s.nhwc && kind == DwKernel::kStats) return dw_nhwc_chunks(s, dtype).chunks * s.C * 3;
   if (s.nhwc && kind == DwKernel::kBwdReduce) return dw_nhwc_chunks(s, dtype).chunks * s.C * 2;
+  if (s.nhwc && kind == DwKernel::kBwd) {
+    return dw_nhwc_bwd_gconv_offset(s, dtype) + s.N * s.Ho * s.Wo * s.C;
+  }
   const DwPlan p = dw_plan(kind, s, dtype);
   return p.chunks * s.C * p.ws_per_channel;
 }

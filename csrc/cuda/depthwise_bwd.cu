@@ -144,6 +144,34 @@ __global__ void __launch_bounds__(kDwThreads)
 }
 
 // ------------------------------------------------------------------------------------------
+// dw_bwd, channels_last: g_conv and the weight-gradient partials (dw_bwd_gconv_nhwc_thread), then
+// grad_x from g_conv (dw_bwd_dx_nhwc_thread); persistent grids. NCHW: the tile kernel below.
+
+template <typename T, int S, int VEC>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_bwd_gconv_nhwc_kernel(const T* __restrict__ grad_y, const T* __restrict__ y,
+                             const T* __restrict__ x, const T* __restrict__ w,
+                             const typename AccOf<T>::type* __restrict__ kv,
+                             const typename AccOf<T>::type* __restrict__ bv,
+                             const typename AccOf<T>::type* __restrict__ cv,
+                             typename AccOf<T>::type* __restrict__ gconv,
+                             typename AccOf<T>::type* __restrict__ ws, DwShape s, DwNhwcChunks g,
+                             int act, bool use_z) {
+  dw_bwd_gconv_nhwc_thread<T, S, VEC>(grad_y, y, x, w, kv, bv, cv, gconv, ws, s, g, act, use_z,
+                                      static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                      static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+template <typename T, int S, int VEC>
+__global__ void __launch_bounds__(kDwThreads, 1)
+    dw_bwd_dx_nhwc_kernel(const typename AccOf<T>::type* __restrict__ gconv,
+                          const T* __restrict__ w, T* __restrict__ grad_x, DwShape s) {
+  dw_bwd_dx_nhwc_thread<T, S, VEC>(gconv, w, grad_x, s,
+                                   static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                                   static_cast<int64_t>(gridDim.x) * blockDim.x);
+}
+
+// ------------------------------------------------------------------------------------------
 // dw_bwd, stage 1. Per item (image n, output tile [ho0, ho0+TH) x [wo0, wo0+TW)) of the block's
 // channel group:
 //
@@ -354,23 +382,51 @@ cudaError_t launch_bwd_reduce_nchw(const DwBwdReduceParams& p, DType dtype, cuda
   return launch_bwd_reduce_finalize<Acc>(p, g.chunks, stream);
 }
 
-template <typename T, int S, bool NHWC>
-cudaError_t launch_bwd(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
+template <typename T>
+cudaError_t launch_bwd_finalize(const DwBwdParams& p, int64_t chunks, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const int L = finalize_lanes(chunks);
+  dw_bwd_finalize_kernel<T><<<finalize_blocks(9 * p.s.C, L), kDwThreads, 0, stream>>>(
+      static_cast<const Acc*>(p.workspace), chunks, p.s.C, L, static_cast<T*>(p.grad_weight));
+  return cudaGetLastError();
+}
+
+template <typename T, int S, int VEC>
+cudaError_t launch_bwd_nhwc(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
+  using Acc = typename AccOf<T>::type;
+  const DwShape& s = p.s;
+  const DwNhwcChunks g = dw_nhwc_chunks(s, dtype);
+  const int64_t CG = s.C / VEC;
+  const int64_t min_blocks = (CG + kDwThreads - 1) / kDwThreads;  // dx: a thread per vector
+  if (min_blocks > (int64_t(1) << 20)) return cudaErrorInvalidConfiguration;
+  Acc* ws = static_cast<Acc*>(p.workspace);
+  Acc* gconv = ws + dw_nhwc_bwd_gconv_offset(s, dtype);
+  cudaError_t err = launch_persistent<dw_bwd_gconv_nhwc_kernel<T, S, VEC>>(
+      g.chunks * CG, 1, stream, static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y),
+      static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.k),
+      static_cast<const Acc*>(p.b), static_cast<const Acc*>(p.c), gconv, ws, s, g, p.act, p.use_z);
+  if (err != cudaSuccess) return err;
+  err = launch_persistent<dw_bwd_dx_nhwc_kernel<T, S, VEC>>(
+      dw_dx_nhwc_items(s) * CG, min_blocks, stream, static_cast<const Acc*>(gconv),
+      static_cast<const T*>(p.weight), static_cast<T*>(p.grad_x), s);
+  if (err != cudaSuccess) return err;
+  return launch_bwd_finalize<T>(p, g.chunks, stream);
+}
+
+template <typename T, int S>
+cudaError_t launch_bwd_nchw(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   const DwPlan g = dw_plan(DwKernel::kBwd, p.s, dtype);
   if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
-  Acc* ws = static_cast<Acc*>(p.workspace);
   const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
-  dw_bwd_kernel<T, S, NHWC><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+  dw_bwd_kernel<T, S, false><<<grid, kDwThreads, g.smem_bytes, stream>>>(
       static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
       static_cast<const T*>(p.weight), static_cast<const Acc*>(p.k), static_cast<const Acc*>(p.b),
-      static_cast<const Acc*>(p.c), static_cast<T*>(p.grad_x), ws, p.s, g, p.act, p.use_z);
-  cudaError_t err = cudaGetLastError();
+      static_cast<const Acc*>(p.c), static_cast<T*>(p.grad_x), static_cast<Acc*>(p.workspace), p.s,
+      g, p.act, p.use_z);
+  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int L = finalize_lanes(g.chunks);
-  dw_bwd_finalize_kernel<T><<<finalize_blocks(9 * p.s.C, L), kDwThreads, 0, stream>>>(
-      ws, g.chunks, p.s.C, L, static_cast<T*>(p.grad_weight));
-  return cudaGetLastError();
+  return launch_bwd_finalize<T>(p, g.chunks, stream);
 }
 
 }  // namespace
@@ -403,11 +459,20 @@ cudaError_t dw_bwd(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.act < 0 || p.act > 2) return cudaErrorInvalidValue;
   DWSEP_DISPATCH_DTYPE(dtype, T, {
     if (s.nhwc) {
-      return s.stride == 1 ? launch_bwd<T, 1, true>(p, dtype, stream)
-                           : launch_bwd<T, 2, true>(p, dtype, stream);
+      // 4 channels per thread for the 16-bit types (8-byte accesses): the nine weight-gradient
+      // accumulators per channel, the taps and the window of 8 channels would not fit in 255
+      // registers.
+      constexpr int kVec = sizeof(T) >= 4 ? 16 / sizeof(T) : 4;
+      if (s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.grad_y) &&
+          aligned16(p.grad_x)) {
+        return s.stride == 1 ? launch_bwd_nhwc<T, 1, kVec>(p, dtype, stream)
+                             : launch_bwd_nhwc<T, 2, kVec>(p, dtype, stream);
+      }
+      return s.stride == 1 ? launch_bwd_nhwc<T, 1, 1>(p, dtype, stream)
+                           : launch_bwd_nhwc<T, 2, 1>(p, dtype, stream);
     }
-    return s.stride == 1 ? launch_bwd<T, 1, false>(p, dtype, stream)
-                         : launch_bwd<T, 2, false>(p, dtype, stream);
+    return s.stride == 1 ? launch_bwd_nchw<T, 1>(p, dtype, stream)
+                         : launch_bwd_nchw<T, 2>(p, dtype, stream);
   });
   return cudaSuccess;
 }

@@ -29,31 +29,32 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-// The taps of channels [c0, c0 + VEC), in registers.
-template <typename T, int VEC>
+// The taps of channels [c0, c0 + VEC), in registers (flip: rotated by 180 degrees, tap k
+// holding weight tap 8 - k, for the stride-1 input gradient).
+template <typename Acc, int VEC>
 struct NhwcTapRegs {
-  using Acc = typename AccOf<T>::type;
   Acc w[9][VEC];
 
-  __host__ __device__ __forceinline__ NhwcTapRegs(const T* __restrict__ weight, int64_t c0) {
+  template <typename Tw>
+  __host__ __device__ __forceinline__ NhwcTapRegs(const Tw* __restrict__ weight, int64_t c0,
+                                                  bool flip = false) {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
 #pragma unroll
-      for (int k = 0; k < 9; ++k) w[k][v] = to_acc<Acc>(weight[(c0 + v) * 9 + k]);
+      for (int k = 0; k < 9; ++k) w[k][v] = to_acc<Acc>(weight[(c0 + v) * 9 + (flip ? 8 - k : k)]);
     }
   }
 };
 
 // z of channels [c0, c0 + VEC) at every output of pixel item `item`, in column order:
-// f(wo, z) with z an Acc[VEC]. A 3x3 window of input vectors slides along W: win[i][a] holds
-// input row ho*S + i - 1, column wo*S + a - 1 for the current output wo. Stepping wo -> wo+1
-// shifts it by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and loads one new column;
-// S = 2 reuses column 2 as 0 and loads two new columns.
+// f(wo, z, win) with z an Acc[VEC] and win the input window below. A 3x3 window of input vectors
+// slides along W: win[i][a] holds input row ho*S + i - 1, column wo*S + a - 1 for the current
+// output wo. Stepping wo -> wo+1 shifts it by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and
+// loads one new column; S = 2 reuses column 2 as 0 and loads two new columns.
 template <typename T, int S, int VEC, class F>
-__host__ __device__ __forceinline__ void nhwc_strip(const T* __restrict__ x,
-                                                    const NhwcTapRegs<T, VEC>& taps,
-                                                    const DwShape& s, int64_t c0, int64_t item,
-                                                    F&& f) {
+__host__ __device__ __forceinline__ void nhwc_strip(
+    const T* __restrict__ x, const NhwcTapRegs<typename AccOf<T>::type, VEC>& taps,
+    const DwShape& s, int64_t c0, int64_t item, F&& f) {
   using Acc = typename AccOf<T>::type;
   using V = Vec<T, VEC>;
   constexpr int TWS = dw_nhwc_strip_width(S);
@@ -118,7 +119,23 @@ __host__ __device__ __forceinline__ void nhwc_strip(const T* __restrict__ x,
       }
       z[v] = a;
     }
-    f(wo, z);
+    f(wo, z, win);
+  }
+}
+
+// The (chunk, channel vector) pairs of the partition g = dw_nhwc_chunks(s, dtype) that thread
+// tid of nthreads takes in the reductions: pair index j * CG + cg (CG = C / VEC), pairs tid,
+// tid + nthreads, ...; f(chunk, c0, it0, it1) with c0 the vector's first channel and
+// [it0, it1) the chunk's pixel items.
+template <int VEC, class F>
+__host__ __device__ __forceinline__ void for_chunk_pairs(const DwShape& s, const DwNhwcChunks& g,
+                                                         int64_t tid, int64_t nthreads, F&& f) {
+  const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
+  for (int64_t pair = tid; pair < g.chunks * CG; pair += nthreads) {
+    const int64_t chunk = pair / CG;
+    const int64_t it0 = chunk * g.items_per_chunk;
+    const int64_t it1 = it0 + g.items_per_chunk < g.items ? it0 + g.items_per_chunk : g.items;
+    f(chunk, (pair % CG) * VEC, it0, it1);
   }
 }
 
@@ -139,7 +156,7 @@ __host__ __device__ __forceinline__ void dw_fwd_nhwc_thread(
   if (tid >= workers * CG) return;
   const int64_t c0 = (tid % CG) * VEC;
   const int64_t items = dw_nhwc_pixel_items(s);
-  const NhwcTapRegs<T, VEC> taps(w, c0);
+  const NhwcTapRegs<Acc, VEC> taps(w, c0);
   Acc sc[VEC], sh[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
@@ -150,7 +167,7 @@ __host__ __device__ __forceinline__ void dw_fwd_nhwc_thread(
   const int64_t strips = (s.Wo + TWS - 1) / TWS;
   for (int64_t item = tid / CG; item < items; item += workers) {
     T* yrow = y + ((item / strips) * s.Wo) * s.C + c0;  // item / strips = n * Ho + ho
-    nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t wo, const Acc* z) {
+    nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t wo, const Acc* z, const auto&) {
       V out;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(apply_act<ACT>(z[v] * sc[v] + sh[v]));
@@ -169,36 +186,32 @@ __host__ __device__ __forceinline__ void dw_stats_nhwc_thread(
     const T* __restrict__ x, const T* __restrict__ w, typename AccOf<T>::type* ws, const DwShape& s,
     const DwNhwcChunks& g, int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
-  const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
-  for (int64_t pair = tid; pair < g.chunks * CG; pair += nthreads) {
-    const int64_t chunk = pair / CG;
-    const int64_t c0 = (pair % CG) * VEC;
-    const NhwcTapRegs<T, VEC> taps(w, c0);
-    Acc cnt = Acc(0), mean[VEC], m2[VEC];
+  for_chunk_pairs<VEC>(
+      s, g, tid, nthreads, [&](int64_t chunk, int64_t c0, int64_t it0, int64_t it1) {
+        const NhwcTapRegs<Acc, VEC> taps(w, c0);
+        Acc cnt = Acc(0), mean[VEC], m2[VEC];
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) mean[v] = m2[v] = Acc(0);
-    const int64_t it0 = chunk * g.items_per_chunk;
-    const int64_t it1 = it0 + g.items_per_chunk < g.items ? it0 + g.items_per_chunk : g.items;
-    for (int64_t item = it0; item < it1; ++item) {
-      nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t, const Acc* z) {
-        cnt += Acc(1);
-        const Acc r = Acc(1) / cnt;
+        for (int v = 0; v < VEC; ++v) mean[v] = m2[v] = Acc(0);
+        for (int64_t item = it0; item < it1; ++item) {
+          nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t, const Acc* z, const auto&) {
+            cnt += Acc(1);
+            const Acc r = Acc(1) / cnt;
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) {
+              const Acc d = z[v] - mean[v];
+              mean[v] += d * r;
+              m2[v] += d * (z[v] - mean[v]);
+            }
+          });
+        }
+        Acc* o = ws + (chunk * s.C + c0) * 3;
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
-          const Acc d = z[v] - mean[v];
-          mean[v] += d * r;
-          m2[v] += d * (z[v] - mean[v]);
+          o[3 * v] = cnt;
+          o[3 * v + 1] = mean[v];
+          o[3 * v + 2] = m2[v];
         }
       });
-    }
-    Acc* o = ws + (chunk * s.C + c0) * 3;
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) {
-      o[3 * v] = cnt;
-      o[3 * v + 1] = mean[v];
-      o[3 * v + 2] = m2[v];
-    }
-  }
 }
 
 }  // namespace cuda

@@ -8,10 +8,14 @@
 //   dw_nhwc_host OP DIR DTYPE N C H W STRIDE ACT VEC NTHREADS
 //     OP: fwd (dw_fwd_nhwc_thread: x, w, scale, shift -> y), stats (dw_stats_nhwc_thread:
 //     x, w -> ws, the [chunks][C][3] moments of dw_nhwc_chunks; ACT ignored) or reduce
-//     (dw_bwd_reduce_nhwc_thread: grad_y, y_saved, x, w, mean, invstd -> ws, [chunks][C][2])
+//     (dw_bwd_reduce_nhwc_thread: grad_y, y_saved, x, w, mean, invstd -> ws, [chunks][C][2]) or
+//     bwd / bwd_noz (dw_bwd_gconv_nhwc_thread for every thread, then dw_bwd_dx_nhwc_thread for
+//     every thread, as the two kernels; use_z true / false: grad_y, y_saved, x, w, k, b, c ->
+//     y.bin = grad_x (N x H x W x C) and ws.bin = the [chunks][C][9] weight-gradient partials)
 //     DIR: the inputs as NAME.bin, the output as y.bin or ws.bin (raw, native byte order)
-//     DTYPE: float32 | float64 | float16 | bfloat16; VEC: 1 (scalar) or 0 (16-byte vectors,
-//     needs C % (16 / element size) == 0); NTHREADS: the emulated grid's thread count.
+//     DTYPE: float32 | float64 | float16 | bfloat16; VEC: 1 (scalar) or 0 (the launcher's
+//     vectors: 16 bytes, 4 channels for the 16-bit types in bwd; C must be a multiple);
+//     NTHREADS: the emulated grid's thread count.
 // The output is filled with 0xff bytes (NaN in every dtype) before the run, so a value the
 // kernel does not write shows up as NaN.
 #include <cstdio>
@@ -69,8 +73,8 @@ int write_file(const std::string& path, const U* p, size_t count) {
   return ok ? 0 : 2;
 }
 
-// ACT >= 0: the forward with that activation; ACT = -1: the reductions (stats, reduce; the
-// latter takes the activation at run time, as its kernel), instantiated once per (T, S, VEC).
+// ACT >= 0: the forward with that activation; ACT = -1: the reductions (stats, reduce) and
+// ACT = -2 the backward, which take the activation at run time as their kernels do.
 template <typename T, int S, int ACT, int VEC>
 int run(const std::string& op, const std::string& dir, const DwShape& s, DType dtype, int act,
         int64_t nthreads) {
@@ -89,6 +93,30 @@ int run(const std::string& op, const std::string& dir, const DwShape& s, DType d
     std::free(sc);
     std::free(sh);
     std::free(y);
+  } else if constexpr (ACT == -2) {
+    T* gy = exact_copy<T>(read_file(dir + "/grad_y.bin", ny * sizeof(T)), ny);
+    T* ys = exact_copy<T>(read_file(dir + "/y_saved.bin", ny * sizeof(T)), ny);
+    Acc* kv = exact_copy<Acc>(read_file(dir + "/k.bin", s.C * sizeof(Acc)), s.C);
+    Acc* bv = exact_copy<Acc>(read_file(dir + "/b.bin", s.C * sizeof(Acc)), s.C);
+    Acc* cv = exact_copy<Acc>(read_file(dir + "/c.bin", s.C * sizeof(Acc)), s.C);
+    const bool use_z = op == "bwd";
+    const dwsep::cuda::DwNhwcChunks g = dwsep::cuda::dw_nhwc_chunks(s, dtype);
+    const size_t off = dwsep::cuda::dw_nhwc_bwd_gconv_offset(s, dtype);
+    const size_t nws = dwsep::cuda::dw_workspace_elems(dwsep::cuda::DwKernel::kBwd, s, dtype);
+    Acc* ws = nan_filled<Acc>(nws);
+    T* gx = nan_filled<T>(nx);
+    for (int64_t t = 0; t < nthreads; ++t) {
+      dwsep::cuda::dw_bwd_gconv_nhwc_thread<T, S, VEC>(gy, ys, x, w, kv, bv, cv, ws + off, ws, s, g,
+                                                       act, use_z, t, nthreads);
+    }
+    for (int64_t t = 0; t < nthreads; ++t)
+      dwsep::cuda::dw_bwd_dx_nhwc_thread<T, S, VEC>(ws + off, w, gx, s, t, nthreads);
+    rc = write_file(dir + "/y.bin", gx, nx);
+    if (rc == 0) rc = write_file(dir + "/ws.bin", ws, g.chunks * s.C * 9);
+    for (void* p : {static_cast<void*>(gy), static_cast<void*>(ys), static_cast<void*>(kv),
+                    static_cast<void*>(bv), static_cast<void*>(cv), static_cast<void*>(ws),
+                    static_cast<void*>(gx)})
+      std::free(p);
   } else if (op == "stats") {
     const dwsep::cuda::DwNhwcChunks g = dwsep::cuda::dw_nhwc_chunks(s, dtype);
     const size_t nws = g.chunks * s.C * 3;
@@ -123,19 +151,30 @@ template <typename T>
 int dispatch(const std::string& op, const std::string& dir, const DwShape& s, DType dtype, int act,
              bool vec, int64_t nthreads) {
   constexpr int kVec = 16 / sizeof(T);
-  if (vec && s.C % kVec != 0) {
-    std::fprintf(stderr, "VEC=0 (vectors) needs C %% %d == 0, got C=%lld\n", kVec,
+  constexpr int kBwdVec = sizeof(T) >= 4 ? 16 / sizeof(T) : 4;  // as dw_bwd's dispatch
+  const bool bwd = op == "bwd" || op == "bwd_noz";
+  const int width = bwd ? kBwdVec : kVec;
+  if (vec && s.C % width != 0) {
+    std::fprintf(stderr, "VEC=0 (vectors) needs C %% %d == 0, got C=%lld\n", width,
                  static_cast<long long>(s.C));
     return 2;
   }
-  // The forward's launcher gives at least a thread per channel vector (launch_fwd_nhwc).
-  if (op == "fwd" && nthreads < s.C / (vec ? kVec : 1)) {
+  // The forward's and dx's launchers give at least a thread per channel vector.
+  if ((op == "fwd" || bwd) && nthreads < s.C / (vec ? width : 1)) {
     std::fprintf(stderr, "NTHREADS must be at least C / VEC\n");
     return 2;
   }
 #define DWSEP_HOST_RUN(S_, ACT_)                                        \
   return vec ? run<T, S_, ACT_, kVec>(op, dir, s, dtype, act, nthreads) \
              : run<T, S_, ACT_, 1>(op, dir, s, dtype, act, nthreads)
+  if (bwd) {
+    if (vec) {
+      return s.stride == 1 ? run<T, 1, -2, kBwdVec>(op, dir, s, dtype, act, nthreads)
+                           : run<T, 2, -2, kBwdVec>(op, dir, s, dtype, act, nthreads);
+    }
+    return s.stride == 1 ? run<T, 1, -2, 1>(op, dir, s, dtype, act, nthreads)
+                         : run<T, 2, -2, 1>(op, dir, s, dtype, act, nthreads);
+  }
   if (op != "fwd") {
     if (s.stride == 1) DWSEP_HOST_RUN(1, -1);
     DWSEP_HOST_RUN(2, -1);
@@ -171,10 +210,11 @@ int main(int argc, char** argv) {
   const int act = std::atoi(argv[9]);
   const bool vec = std::atoi(argv[10]) == 0;
   const int64_t nthreads = std::atoll(argv[11]);
-  if ((op != "fwd" && op != "stats" && op != "reduce") || (s.stride != 1 && s.stride != 2) ||
-      act < 0 || act > 2 || nthreads < 1) {
-    std::fprintf(stderr,
-                 "bad arguments (OP fwd|stats|reduce, stride 1|2, act 0..2, NTHREADS >= 1)\n");
+  if ((op != "fwd" && op != "stats" && op != "reduce" && op != "bwd" && op != "bwd_noz") ||
+      (s.stride != 1 && s.stride != 2) || act < 0 || act > 2 || nthreads < 1) {
+    std::fprintf(
+        stderr,
+        "bad arguments (OP fwd|stats|reduce|bwd|bwd_noz, stride 1|2, act 0..2, NTHREADS >= 1)\n");
     return 2;
   }
   if (dtype == "float32") return dispatch<float>(op, dir, s, DType::kFloat32, act, vec, nthreads);
