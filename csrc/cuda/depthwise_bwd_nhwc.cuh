@@ -4,7 +4,9 @@
 // tests/cuda_host/dw_nhwc_host.cu in the same way.
 //
 // dw_bwd runs as two kernels: g_conv (materialized in the acc dtype, with the weight-gradient
-// partials) and then grad_x from g_conv. The shared-memory tile kernel they replace for this
+// partials) and then grad_x from g_conv. The second reads what other threads of the first
+// wrote; the kernel boundary orders that on the GPU, and the host run finishes every thread of
+// the first before starting the second. The shared-memory tile kernel they replace for this
 // layout formed g_conv in shared memory instead, staging every tensor one element per thread.
 #pragma once
 
