@@ -76,18 +76,18 @@ struct DwBwdParams {
   bool use_z;
 };
 
-// The shared-memory tile kernels (NCHW: forward, stats, bwd_reduce, bwd).
+// Kernels and workspaces: the NCHW shared-memory tile kernels (forward, stats, bwd_reduce,
+// bwd) use dw_plan below; the channels_last ones are registers-only (dw_nhwc_chunks below).
 enum class DwKernel : int { kFwdTile = 0, kStats = 1, kBwdReduce = 2, kBwd = 3 };
 
-// Tiling of a shared-memory tile kernel; a pure function of (kernel, shape, dtype), so the
+// Tiling of an NCHW shared-memory tile kernel; a pure function of (kernel, shape, dtype), so the
 // reduction order (and with it every result bit) does not depend on the device.
 //
-// A block handles CB channels (NHWC: consecutive channels of one image; NCHW: CB consecutive
-// (n, c) planes of one image, i.e. channels c0..c0+CB-1) and an output tile of TH x TW pixels.
-// It stages the x tile (rows r0 .. r0+XH-1, cols q0 .. q0+XW-1, zero outside the image) in
-// shared memory, where r0 = (ho0 - lo)*stride - 1 and lo = 1 for the stride-1 backward (the
-// g_conv tile then has a 1-pixel halo on both sides), 0 otherwise. For kBwd it also stages the
-// g_conv tile of GH x GW outputs starting at (ho0 - lo, wo0 - lo).
+// A block handles CB consecutive (n, c) planes of one image (channels c0..c0+CB-1) and an
+// output tile of TH x TW pixels. It stages the x tile (rows r0 .. r0+XH-1, cols q0 .. q0+XW-1,
+// zero outside the image) in shared memory, where r0 = (ho0 - lo)*stride - 1 and lo = 1 for the
+// stride-1 backward (the g_conv tile then has a 1-pixel halo on both sides), 0 otherwise. For
+// kBwd it also stages the g_conv tile of GH x GW outputs starting at (ho0 - lo, wo0 - lo).
 struct DwPlan {
   int TH, TW;  // output tile
   int CB;      // channels per block; a power of two <= 32, so it divides kDwThreads
@@ -126,36 +126,15 @@ inline DwPlan dw_plan(DwKernel kind, const DwShape& s, DType dtype) {
     const int64_t g = kind == DwKernel::kBwd ? (th + lo + hi) * (tw + lo + hi) : 0;
     return (xh * xw + g) * cb * acc_bytes;
   };
-  int64_t TH, TW, CB;
-  if (s.nhwc) {
-    // Channels are the coalesced dimension: take as many as there are (up to cb_max), then
-    // grow the spatial tile until a block has ~1024 outputs. The start tile fits the budget
-    // for every CB <= cb_max (largest: stride-2 backward, 11*19 + 5*9 pixels * 128 B).
-    CB = c_pow2;
-    TH = S == 1 ? 8 : 4;
-    TW = 8;
-    while (CB * TH * TW < 1024) {
-      if (TW < 32 && TW < s.Wo && smem(TH, TW * 2, CB) <= kSmemBudget) {
-        TW *= 2;
-      } else if (TH < 16 && TH < s.Ho && smem(TH * 2, TW, CB) <= kSmemBudget) {
-        TH *= 2;
-      } else {
-        break;
-      }
-    }
-    TH = TH < s.Ho ? TH : s.Ho;
-    TW = TW < s.Wo ? TW : s.Wo;
-  } else {
-    // W is the coalesced dimension: a wide tile of one plane, and several planes per block
-    // when the planes are small (7x7, 14x14), up to ~1024 outputs per block.
-    TH = S == 1 ? 16 : 8;
-    TW = 32;
-    TH = TH < s.Ho ? TH : s.Ho;
-    TW = TW < s.Wo ? TW : s.Wo;
-    CB = 1;
-    while (CB * 2 <= c_pow2 && CB * 2 * TH * TW <= 1024 && smem(TH, TW, CB * 2) <= kSmemBudget) {
-      CB *= 2;
-    }
+  // W is the coalesced dimension: a wide tile of one plane, and several planes per block when
+  // the planes are small (7x7, 14x14), up to ~1024 outputs per block.
+  int64_t TH = S == 1 ? 16 : 8;
+  int64_t TW = 32;
+  TH = TH < s.Ho ? TH : s.Ho;
+  TW = TW < s.Wo ? TW : s.Wo;
+  int64_t CB = 1;
+  while (CB * 2 <= c_pow2 && CB * 2 * TH * TW <= 1024 && smem(TH, TW, CB * 2) <= kSmemBudget) {
+    CB *= 2;
   }
   p.TH = static_cast<int>(TH);
   p.TW = static_cast<int>(TW);
@@ -228,8 +207,8 @@ inline DwNhwcChunks dw_nhwc_chunks(const DwShape& s, DType dtype) {
 // Channels_last dw_bwd workspace: the [chunks][C][9] weight-gradient partials, then (from this
 // offset, a multiple of 4 values so that the 16-byte vector accesses stay aligned) g_conv, dense
 // N x Ho x Wo x C.
-inline int64_t dw_nhwc_bwd_gconv_offset(const DwShape& s, DType dtype) {
-  return dw_ceil_div(dw_nhwc_chunks(s, dtype).chunks * s.C * 9, 4) * 4;
+inline int64_t dw_nhwc_bwd_gconv_offset(const DwShape& s, const DwNhwcChunks& g) {
+  return dw_ceil_div(g.chunks * s.C * 9, 4) * 4;
 }
 
 // Number of acc-dtype (fp32, or fp64 for fp64 x) values of the workspace the glue allocates
@@ -239,7 +218,7 @@ inline int64_t dw_workspace_elems(DwKernel kind, const DwShape& s, DType dtype) 
   if (s.nhwc && kind == DwKernel::kStats) return dw_nhwc_chunks(s, dtype).chunks * s.C * 3;
   if (s.nhwc && kind == DwKernel::kBwdReduce) return dw_nhwc_chunks(s, dtype).chunks * s.C * 2;
   if (s.nhwc && kind == DwKernel::kBwd) {
-    return dw_nhwc_bwd_gconv_offset(s, dtype) + s.N * s.Ho * s.Wo * s.C;
+    return dw_nhwc_bwd_gconv_offset(s, dw_nhwc_chunks(s, dtype)) + s.N * s.Ho * s.Wo * s.C;
   }
   const DwPlan p = dw_plan(kind, s, dtype);
   return p.chunks * s.C * p.ws_per_channel;

@@ -72,19 +72,20 @@ __global__ void __launch_bounds__(kDwThreads, 1)
                                        static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
-template <typename T, int S, bool NHWC>
+template <typename T, int S>
 __global__ void __launch_bounds__(kDwThreads, 2)
-    dw_bwd_reduce_kernel(const T* __restrict__ grad_y, const T* __restrict__ y,
-                         const T* __restrict__ x, const T* __restrict__ w,
-                         const typename AccOf<T>::type* __restrict__ mean,
-                         const typename AccOf<T>::type* __restrict__ invstd,
-                         typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g, int act) {
+    dw_bwd_reduce_nchw_kernel(const T* __restrict__ grad_y, const T* __restrict__ y,
+                              const T* __restrict__ x, const T* __restrict__ w,
+                              const typename AccOf<T>::type* __restrict__ mean,
+                              const typename AccOf<T>::type* __restrict__ invstd,
+                              typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g,
+                              int act) {
   using Acc = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char dw_smem[];
   Acc* xs = reinterpret_cast<Acc*>(dw_smem);
   __shared__ Acc red[kDwThreads];
   int cl, pl;
-  lanes<NHWC>(g.CB, cl, pl);
+  lanes(g.CB, cl, pl);
   const int PL = kDwThreads / g.CB;
   const int tile_px = g.TH * g.TW;
   const int64_t chunk = blockIdx.y;
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kDwThreads, 2)
     int64_t n, ho0, wo0;
     decode_item(it, g, n, ho0, wo0);
     __syncthreads();  // the previous item's readers of xs are done
-    load_x_tile<NHWC>(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+    load_x_tile(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
     __syncthreads();
     if (cok) {
       for (int p = pl; p < tile_px; p += PL) {
@@ -111,11 +112,11 @@ __global__ void __launch_bounds__(kDwThreads, 2)
         const int q = p - r * g.TW;
         const int64_t ho = ho0 + r, wo = wo0 + q;
         if (ho >= s.Ho || wo >= s.Wo) continue;
-        const int64_t o = offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo);
+        const int64_t o = offset_nchw(n, c, ho, wo, s.C, s.Ho, s.Wo);
         const Acc yv = to_acc<Acc>(y[o]);  // both loads issued before the activation test
         const Acc gyv = to_acc<Acc>(grad_y[o]);
         const Acc gz = act_pass_rt(act, yv) ? gyv : Acc(0);
-        const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
+        const Acc z = conv_from_tile<S>(xs, wr, r, q, 0, g.XH, g.XW, cl);
         s_gz += gz;
         s_gzx += gz * ((z - mu) * is);
       }
@@ -193,14 +194,15 @@ __global__ void __launch_bounds__(kDwThreads, 1)
 // Barriers: before 1 (readers of xs/gs of the previous item are done), between 1 and 2 (xs
 // complete), between 2 and 3/4 (gs complete).
 
-template <typename T, int S, bool NHWC>
+template <typename T, int S>
 __global__ void __launch_bounds__(kDwThreads, 2)
-    dw_bwd_kernel(const T* __restrict__ grad_y, const T* __restrict__ y, const T* __restrict__ x,
-                  const T* __restrict__ w, const typename AccOf<T>::type* __restrict__ kv,
-                  const typename AccOf<T>::type* __restrict__ bv,
-                  const typename AccOf<T>::type* __restrict__ cv, T* __restrict__ grad_x,
-                  typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g, int act,
-                  bool use_z) {
+    dw_bwd_nchw_kernel(const T* __restrict__ grad_y, const T* __restrict__ y,
+                       const T* __restrict__ x, const T* __restrict__ w,
+                       const typename AccOf<T>::type* __restrict__ kv,
+                       const typename AccOf<T>::type* __restrict__ bv,
+                       const typename AccOf<T>::type* __restrict__ cv, T* __restrict__ grad_x,
+                       typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g, int act,
+                       bool use_z) {
   using Acc = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char dw_smem[];
   const int xpix = g.XH * g.XW;
@@ -209,7 +211,7 @@ __global__ void __launch_bounds__(kDwThreads, 2)
   Acc* gs = xs + static_cast<int64_t>(xpix) * g.CB;
   __shared__ Acc red[kDwThreads];
   int cl, pl;
-  lanes<NHWC>(g.CB, cl, pl);
+  lanes(g.CB, cl, pl);
   const int PL = kDwThreads / g.CB;
   const int lo = g.lo;  // == (S == 1); hi == 1
   const int tile_px = g.TH * g.TW;
@@ -238,7 +240,7 @@ __global__ void __launch_bounds__(kDwThreads, 2)
 
     // 1. x tile.
     __syncthreads();
-    load_x_tile<NHWC>(xs, x, n, c, cok, s, gho0 * S - 1, gwo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+    load_x_tile(xs, x, n, c, cok, s, gho0 * S - 1, gwo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
     __syncthreads();
 
     // 2. g_conv tile (with halo). Each thread first loads y and grad_y of up to kTileBatch
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(kDwThreads, 2)
         const int gq = p - gr * g.GW;
         const int64_t ho = gho0 + gr, wo = gwo0 + gq;
         ok[u] = cok && p < gpix && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo;
-        const int64_t o = ok[u] ? offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo) : 0;
+        const int64_t o = ok[u] ? offset_nchw(n, c, ho, wo, s.C, s.Ho, s.Wo) : 0;
         yv[u] = ok[u] ? to_acc<Acc>(y[o]) : Acc(0);
         gyv[u] = ok[u] ? to_acc<Acc>(grad_y[o]) : Acc(0);
       }
@@ -270,12 +272,11 @@ __global__ void __launch_bounds__(kDwThreads, 2)
           gv = kc * gz;
           if (use_z) {
             // Output (ho0 + r) with r = gr - lo: conv_from_tile's tile row (r + lo)*S + i.
-            const Acc z =
-                conv_from_tile<S, NHWC>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, g.CB, cl);
+            const Acc z = conv_from_tile<S>(xs, wr, gr - lo, gq - lo, lo, g.XH, g.XW, cl);
             gv += bc * z + cc;
           }
         }
-        gs[sidx<NHWC>(p, cl, g.CB, gpix)] = gv;
+        gs[sidx(p, cl, gpix)] = gv;
       }
     }
     __syncthreads();
@@ -298,10 +299,10 @@ __global__ void __launch_bounds__(kDwThreads, 2)
             const int v = iq + 1 - j;
             if (S == 2 && (v & 1)) continue;
             const int gq = (S == 1 ? v : v / 2) + lo;
-            acc += gs[sidx<NHWC>(gr * g.GW + gq, cl, g.CB, gpix)] * wr[i * 3 + j];
+            acc += gs[sidx(gr * g.GW + gq, cl, gpix)] * wr[i * 3 + j];
           }
         }
-        grad_x[offset4<NHWC>(n, c, h, wi, s.C, s.H, s.W)] = from_acc<T>(acc);
+        grad_x[offset_nchw(n, c, h, wi, s.C, s.H, s.W)] = from_acc<T>(acc);
       }
 
       // 4. grad_w partials over the tile's own outputs.
@@ -309,13 +310,13 @@ __global__ void __launch_bounds__(kDwThreads, 2)
         const int r = p / g.TW;
         const int q = p - r * g.TW;
         if (ho0 + r >= s.Ho || wo0 + q >= s.Wo) continue;
-        const Acc gv = gs[sidx<NHWC>((r + lo) * g.GW + (q + lo), cl, g.CB, gpix)];
+        const Acc gv = gs[sidx((r + lo) * g.GW + (q + lo), cl, gpix)];
 #pragma unroll
         for (int i = 0; i < 3; ++i) {
 #pragma unroll
           for (int j = 0; j < 3; ++j) {
             const int pix = ((r + lo) * S + i) * g.XW + (q + lo) * S + j;
-            gw[i * 3 + j] += gv * xs[sidx<NHWC>(pix, cl, g.CB, xpix)];
+            gw[i * 3 + j] += gv * xs[sidx(pix, cl, xpix)];
           }
         }
       }
@@ -347,11 +348,9 @@ __global__ void __launch_bounds__(kDwThreads)
 template <typename Acc>
 cudaError_t launch_bwd_reduce_finalize(const DwBwdReduceParams& p, int64_t chunks,
                                        cudaStream_t stream) {
-  const int L = finalize_lanes(chunks);
-  dw_bwd_reduce_finalize_kernel<Acc><<<finalize_blocks(2 * p.s.C, L), kDwThreads, 0, stream>>>(
-      static_cast<const Acc*>(p.workspace), chunks, p.s.C, L, static_cast<Acc*>(p.sum_gz),
+  return launch_finalize<dw_bwd_reduce_finalize_kernel<Acc>, Acc>(
+      p.workspace, chunks, p.s.C, 2, stream, static_cast<Acc*>(p.sum_gz),
       static_cast<Acc*>(p.sum_gz_xhat));
-  return cudaGetLastError();
 }
 
 template <typename T, int S, int VEC>
@@ -373,7 +372,7 @@ cudaError_t launch_bwd_reduce_nchw(const DwBwdReduceParams& p, DType dtype, cuda
   const DwPlan g = dw_plan(DwKernel::kBwdReduce, p.s, dtype);
   if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
-  dw_bwd_reduce_kernel<T, S, false><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+  dw_bwd_reduce_nchw_kernel<T, S><<<grid, kDwThreads, g.smem_bytes, stream>>>(
       static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
       static_cast<const T*>(p.weight), static_cast<const Acc*>(p.mean),
       static_cast<const Acc*>(p.invstd), static_cast<Acc*>(p.workspace), p.s, g, p.act);
@@ -385,10 +384,8 @@ cudaError_t launch_bwd_reduce_nchw(const DwBwdReduceParams& p, DType dtype, cuda
 template <typename T>
 cudaError_t launch_bwd_finalize(const DwBwdParams& p, int64_t chunks, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
-  const int L = finalize_lanes(chunks);
-  dw_bwd_finalize_kernel<T><<<finalize_blocks(9 * p.s.C, L), kDwThreads, 0, stream>>>(
-      static_cast<const Acc*>(p.workspace), chunks, p.s.C, L, static_cast<T*>(p.grad_weight));
-  return cudaGetLastError();
+  return launch_finalize<dw_bwd_finalize_kernel<T>, Acc>(p.workspace, chunks, p.s.C, 9, stream,
+                                                         static_cast<T*>(p.grad_weight));
 }
 
 template <typename T, int S, int VEC>
@@ -400,7 +397,7 @@ cudaError_t launch_bwd_nhwc(const DwBwdParams& p, DType dtype, cudaStream_t stre
   const int64_t min_blocks = (CG + kDwThreads - 1) / kDwThreads;  // dx: a thread per vector
   if (min_blocks > (int64_t(1) << 20)) return cudaErrorInvalidConfiguration;
   Acc* ws = static_cast<Acc*>(p.workspace);
-  Acc* gconv = ws + dw_nhwc_bwd_gconv_offset(s, dtype);
+  Acc* gconv = ws + dw_nhwc_bwd_gconv_offset(s, g);
   cudaError_t err = launch_persistent<dw_bwd_gconv_nhwc_kernel<T, S, VEC>>(
       g.chunks * CG, 1, stream, static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y),
       static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<const Acc*>(p.k),
@@ -419,7 +416,7 @@ cudaError_t launch_bwd_nchw(const DwBwdParams& p, DType dtype, cudaStream_t stre
   const DwPlan g = dw_plan(DwKernel::kBwd, p.s, dtype);
   if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
-  dw_bwd_kernel<T, S, false><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+  dw_bwd_nchw_kernel<T, S><<<grid, kDwThreads, g.smem_bytes, stream>>>(
       static_cast<const T*>(p.grad_y), static_cast<const T*>(p.y), static_cast<const T*>(p.x),
       static_cast<const T*>(p.weight), static_cast<const Acc*>(p.k), static_cast<const Acc*>(p.b),
       static_cast<const Acc*>(p.c), static_cast<T*>(p.grad_x), static_cast<Acc*>(p.workspace), p.s,
@@ -439,15 +436,15 @@ cudaError_t dw_bwd_reduce(const DwBwdReduceParams& p, DType dtype, cudaStream_t 
   DWSEP_DISPATCH_DTYPE(dtype, T, {
     if (s.nhwc) {
       constexpr int kVec = 16 / sizeof(T);
-      if (s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.grad_y)) {
-        return s.stride == 1 ? launch_bwd_reduce_nhwc<T, 1, kVec>(p, dtype, stream)
-                             : launch_bwd_reduce_nhwc<T, 2, kVec>(p, dtype, stream);
-      }
-      return s.stride == 1 ? launch_bwd_reduce_nhwc<T, 1, 1>(p, dtype, stream)
-                           : launch_bwd_reduce_nhwc<T, 2, 1>(p, dtype, stream);
+      const bool vec_ok =
+          s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.grad_y);
+      return with_stride_vec<kVec>(s.stride, vec_ok, [&](auto S, auto V) {
+        return launch_bwd_reduce_nhwc<T, decltype(S)::value, decltype(V)::value>(p, dtype, stream);
+      });
     }
-    return s.stride == 1 ? launch_bwd_reduce_nchw<T, 1>(p, dtype, stream)
-                         : launch_bwd_reduce_nchw<T, 2>(p, dtype, stream);
+    return with_stride(s.stride, [&](auto S) {
+      return launch_bwd_reduce_nchw<T, decltype(S)::value>(p, dtype, stream);
+    });
   });
   return cudaSuccess;
 }
@@ -463,16 +460,14 @@ cudaError_t dw_bwd(const DwBwdParams& p, DType dtype, cudaStream_t stream) {
       // accumulators per channel, the taps and the window of 8 channels would not fit in 255
       // registers.
       constexpr int kVec = sizeof(T) >= 4 ? 16 / sizeof(T) : 4;
-      if (s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y) && aligned16(p.grad_y) &&
-          aligned16(p.grad_x)) {
-        return s.stride == 1 ? launch_bwd_nhwc<T, 1, kVec>(p, dtype, stream)
-                             : launch_bwd_nhwc<T, 2, kVec>(p, dtype, stream);
-      }
-      return s.stride == 1 ? launch_bwd_nhwc<T, 1, 1>(p, dtype, stream)
-                           : launch_bwd_nhwc<T, 2, 1>(p, dtype, stream);
+      const bool vec_ok = s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y) &&
+                          aligned16(p.grad_y) && aligned16(p.grad_x);
+      return with_stride_vec<kVec>(s.stride, vec_ok, [&](auto S, auto V) {
+        return launch_bwd_nhwc<T, decltype(S)::value, decltype(V)::value>(p, dtype, stream);
+      });
     }
-    return s.stride == 1 ? launch_bwd_nchw<T, 1>(p, dtype, stream)
-                         : launch_bwd_nchw<T, 2>(p, dtype, stream);
+    return with_stride(
+        s.stride, [&](auto S) { return launch_bwd_nchw<T, decltype(S)::value>(p, dtype, stream); });
   });
   return cudaSuccess;
 }

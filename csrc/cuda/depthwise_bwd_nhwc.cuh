@@ -150,14 +150,14 @@ __host__ __device__ __forceinline__ void dw_bwd_dx_nhwc_thread(
   const int64_t items = dw_dx_nhwc_items(s);
   const int64_t strips = (s.W + TWS - 1) / TWS;
   const NhwcTapRegs<Acc, VEC> taps(w, c0, /*flip=*/S == 1);
+  DwShape gs = s;  // stride 1: gconv as the input of a stride-1 conv whose output is grad_x
+  gs.H = s.Ho;
+  gs.W = s.Wo;
+  gs.Ho = s.H;
+  gs.Wo = s.W;
   for (int64_t item = tid / CG; item < items; item += workers) {
     T* xrow = grad_x + (item / strips) * s.W * s.C + c0;  // item / strips = n * H + h
     if constexpr (S == 1) {
-      DwShape gs = s;  // gconv as the input of a stride-1 conv whose output is grad_x
-      gs.H = s.Ho;
-      gs.W = s.Wo;
-      gs.Ho = s.H;
-      gs.Wo = s.W;
       nhwc_strip<Acc, 1, VEC>(gconv, taps, gs, c0, item,
                               [&](int64_t wi, const Acc* z, const auto&) {
                                 V out;

@@ -6,35 +6,35 @@
 #include "cuda/depthwise.h"
 
 #include <atomic>
+#include <type_traits>
 
 namespace dwsep {
 namespace cuda {
 namespace dwtile {
 
-// Offset of element (n, c, h, w) of a dense (N, C, H, W) tensor in either layout.
-template <bool NHWC>
-__device__ __forceinline__ int64_t offset4(int64_t n, int64_t c, int64_t h, int64_t w, int64_t C,
-                                           int64_t H, int64_t W) {
-  return NHWC ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
+// These helpers serve the NCHW shared-memory tile kernels (the channels_last kernels use no
+// shared memory: depthwise_fwd_nhwc.cuh, depthwise_bwd_nhwc.cuh).
+
+// Offset of element (n, c, h, w) of a dense NCHW tensor.
+__device__ __forceinline__ int64_t offset_nchw(int64_t n, int64_t c, int64_t h, int64_t w,
+                                               int64_t C, int64_t H, int64_t W) {
+  return ((n * C + c) * H + h) * W + w;
 }
 
-// Index of (pixel pix, channel lane cl) in a staged tile of `npix` pixels x CB channels:
-// channel-fastest for NHWC (threads of a warp take consecutive channels), planar for NCHW
-// (threads of a warp take consecutive pixels). Either way a warp reads consecutive words.
-template <bool NHWC>
-__device__ __forceinline__ int sidx(int pix, int cl, int CB, int npix) {
-  return NHWC ? pix * CB + cl : cl * npix + pix;
+// Index of (pixel pix, channel lane cl) in a staged tile of `npix` pixels x CB planes, planar:
+// the threads of a warp take consecutive pixels and so read consecutive words.
+__device__ __forceinline__ int sidx(int pix, int cl, int npix) {
+  return cl * npix + pix;
 }
 
 // Thread -> (channel lane cl, pixel lane pl), a bijection of [0, kDwThreads) onto
-// [0, CB) x [0, PL) with PL = kDwThreads / CB. Consecutive threads take consecutive channels
-// (NHWC) or consecutive pixels (NCHW), which are the contiguous dimension in global memory.
-template <bool NHWC>
+// [0, CB) x [0, PL) with PL = kDwThreads / CB. Consecutive threads take consecutive pixels,
+// the contiguous dimension in global memory.
 __device__ __forceinline__ void lanes(int CB, int& cl, int& pl) {
   const int tid = threadIdx.x;
   const int PL = kDwThreads / CB;
-  cl = NHWC ? tid % CB : tid / PL;
-  pl = NHWC ? tid / CB : tid % PL;
+  cl = tid / PL;
+  pl = tid % PL;
 }
 
 // Stages x[n, c, r0 + r, q0 + q] for r < XH, q < XW into xs (acc dtype), 0 outside the image
@@ -43,7 +43,7 @@ __device__ __forceinline__ void lanes(int CB, int& cl, int& pl) {
 // and then stores them, so its global loads are in flight together.
 constexpr int kTileBatch = 4;
 
-template <bool NHWC, typename T, typename Acc>
+template <typename T, typename Acc>
 __device__ __forceinline__ void load_x_tile(Acc* xs, const T* __restrict__ x, int64_t n, int64_t c,
                                             bool cok, const DwShape& s, int64_t r0, int64_t q0,
                                             int XH, int XW, int CB, int cl, int pl) {
@@ -59,21 +59,21 @@ __device__ __forceinline__ void load_x_tile(Acc* xs, const T* __restrict__ x, in
       const int64_t h = r0 + r;
       const int64_t w = q0 + q;
       const bool ok = cok && p < npix && h >= 0 && h < s.H && w >= 0 && w < s.W;
-      v[u] = ok ? to_acc<Acc>(x[offset4<NHWC>(n, c, h, w, s.C, s.H, s.W)]) : Acc(0);
+      v[u] = ok ? to_acc<Acc>(x[offset_nchw(n, c, h, w, s.C, s.H, s.W)]) : Acc(0);
     }
 #pragma unroll
     for (int u = 0; u < kTileBatch; ++u) {
       const int p = p0 + u * PL;
-      if (p < npix) xs[sidx<NHWC>(p, cl, CB, npix)] = v[u];
+      if (p < npix) xs[sidx(p, cl, npix)] = v[u];
     }
   }
 }
 
 // z at output (r, q) of the tile from a staged x tile whose row 0 is input row (ho0 - lo)*S - 1:
 // the input row of tap i is (ho0 + r)*S + i - 1, i.e. tile row (r + lo)*S + i (same for cols).
-template <int S, bool NHWC, typename Acc>
+template <int S, typename Acc>
 __device__ __forceinline__ Acc conv_from_tile(const Acc* xs, const Acc (&wr)[9], int r, int q,
-                                              int lo, int XH, int XW, int CB, int cl) {
+                                              int lo, int XH, int XW, int cl) {
   const int npix = XH * XW;
   Acc z = Acc(0);
 #pragma unroll
@@ -81,7 +81,7 @@ __device__ __forceinline__ Acc conv_from_tile(const Acc* xs, const Acc (&wr)[9],
 #pragma unroll
     for (int j = 0; j < 3; ++j) {
       const int pix = ((r + lo) * S + i) * XW + (q + lo) * S + j;
-      z += xs[sidx<NHWC>(pix, cl, CB, npix)] * wr[i * 3 + j];
+      z += xs[sidx(pix, cl, npix)] * wr[i * 3 + j];
     }
   }
   return z;
@@ -198,10 +198,32 @@ cudaError_t launch_persistent(int64_t work, int64_t min_blocks, cudaStream_t str
   return cudaGetLastError();
 }
 
-inline unsigned grid_1d(int64_t work_items, int64_t per_block) {
-  const int64_t blocks = (work_items + per_block - 1) / per_block;
-  constexpr int64_t kMaxBlocks = int64_t(1) << 20;  // grid-stride loops cover the rest
-  return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+// Launches a finalize kernel kKernel(ws, chunks, C, L, outs...) that folds a [chunks][E]
+// workspace table (E = cols_per_channel * C columns, finalize_column_sum's layout) over the
+// chunks with finalize_lanes(chunks) lanes per column.
+template <auto kKernel, typename Acc, typename... Outs>
+cudaError_t launch_finalize(const void* ws, int64_t chunks, int64_t C, int64_t cols_per_channel,
+                            cudaStream_t stream, Outs... outs) {
+  const int L = finalize_lanes(chunks);
+  kKernel<<<finalize_blocks(cols_per_channel * C, L), kDwThreads, 0, stream>>>(
+      static_cast<const Acc*>(ws), chunks, C, L, outs...);
+  return cudaGetLastError();
+}
+
+// Compile-time dispatch of the launchers: f(IntC<S>{}) for stride S in {1, 2}, and
+// f(IntC<S>{}, IntC<V>{}) with V = kVec channels per thread where the 16-byte path applies
+// (vec_ok), else 1. The callers have rejected other strides.
+template <int V>
+using IntC = std::integral_constant<int, V>;
+
+template <class F>
+cudaError_t with_stride(int stride, F&& f) {
+  return stride == 1 ? f(IntC<1>{}) : f(IntC<2>{});
+}
+
+template <int kVec, class F>
+cudaError_t with_stride_vec(int stride, bool vec_ok, F&& f) {
+  return with_stride(stride, [&](auto S) { return vec_ok ? f(S, IntC<kVec>{}) : f(S, IntC<1>{}); });
 }
 
 }  // namespace dwtile

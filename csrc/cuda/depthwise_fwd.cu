@@ -59,7 +59,6 @@ __device__ __forceinline__ void fwd_nchw_item(const T* __restrict__ x, const T* 
                                               typename AccOf<T>::type* xs, int cl, int pl,
                                               int64_t n, int64_t cg, int tile) {
   using Acc = typename AccOf<T>::type;
-  constexpr bool NHWC = false;
   const int PL = kDwThreads / g.CB;
   const int tile_px = g.TH * g.TW;
   const int tiles_w = static_cast<int>(g.tiles_w);
@@ -78,7 +77,7 @@ __device__ __forceinline__ void fwd_nchw_item(const T* __restrict__ x, const T* 
   }
 
   __syncthreads();  // the previous item's readers of xs are done
-  load_x_tile<NHWC>(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+  load_x_tile(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
   __syncthreads();
   if (cok) {
     for (int p = pl; p < tile_px; p += PL) {
@@ -86,8 +85,8 @@ __device__ __forceinline__ void fwd_nchw_item(const T* __restrict__ x, const T* 
       const int q = p - r * g.TW;
       const int64_t ho = ho0 + r, wo = wo0 + q;
       if (ho >= s.Ho || wo >= s.Wo) continue;
-      const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
-      y[offset4<NHWC>(n, c, ho, wo, s.C, s.Ho, s.Wo)] = from_acc<T>(apply_act<ACT>(z * sc + sh));
+      const Acc z = conv_from_tile<S>(xs, wr, r, q, 0, g.XH, g.XW, cl);
+      y[offset_nchw(n, c, ho, wo, s.C, s.Ho, s.Wo)] = from_acc<T>(apply_act<ACT>(z * sc + sh));
     }
   }
 }
@@ -102,7 +101,7 @@ __global__ void __launch_bounds__(kDwThreads, 2)
   extern __shared__ __align__(16) unsigned char dw_smem[];
   Acc* xs = reinterpret_cast<Acc*>(dw_smem);
   int cl, pl;
-  lanes<false>(g.CB, cl, pl);
+  lanes(g.CB, cl, pl);
   // Grid: x = output tiles of a plane (tiles_h * tiles_w < 2^31, checked by the launcher),
   // y = channel groups, z = images, each grid-stride so that any N and C fit the 65535 limit
   // of y and z. The loop bounds are uniform across the block, so every thread reaches the
@@ -138,16 +137,16 @@ __device__ __forceinline__ void chan_merge(Acc& na, Acc& ma, Acc& Ma, Acc nb, Ac
   na = n;
 }
 
-template <typename T, int S, bool NHWC>
+template <typename T, int S>
 __global__ void __launch_bounds__(kDwThreads, 2)
-    dw_stats_kernel(const T* __restrict__ x, const T* __restrict__ w,
-                    typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g) {
+    dw_stats_nchw_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                         typename AccOf<T>::type* __restrict__ ws, DwShape s, DwPlan g) {
   using Acc = typename AccOf<T>::type;
   extern __shared__ __align__(16) unsigned char dw_smem[];
   Acc* xs = reinterpret_cast<Acc*>(dw_smem);
   __shared__ Acc red_n[kDwThreads], red_m[kDwThreads], red_M[kDwThreads];
   int cl, pl;
-  lanes<NHWC>(g.CB, cl, pl);
+  lanes(g.CB, cl, pl);
   const int PL = kDwThreads / g.CB;
   const int tile_px = g.TH * g.TW;
   const int64_t cg = blockIdx.x;
@@ -170,14 +169,14 @@ __global__ void __launch_bounds__(kDwThreads, 2)
     const int64_t n = t / g.tiles_h;
     const int64_t ho0 = th * g.TH, wo0 = tw * g.TW;
     __syncthreads();  // the previous item's readers of xs are done
-    load_x_tile<NHWC>(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
+    load_x_tile(xs, x, n, c, cok, s, ho0 * S - 1, wo0 * S - 1, g.XH, g.XW, g.CB, cl, pl);
     __syncthreads();
     if (cok) {
       for (int p = pl; p < tile_px; p += PL) {
         const int r = p / g.TW;
         const int q = p - r * g.TW;
         if (ho0 + r >= s.Ho || wo0 + q >= s.Wo) continue;
-        const Acc z = conv_from_tile<S, NHWC>(xs, wr, r, q, 0, g.XH, g.XW, g.CB, cl);
+        const Acc z = conv_from_tile<S>(xs, wr, r, q, 0, g.XH, g.XW, cl);
         ++cnt;
         const Acc d = z - mean;
         mean += d / static_cast<Acc>(cnt);
@@ -317,11 +316,8 @@ cudaError_t launch_fwd_nchw(const DwFwdParams& p, DType dtype, cudaStream_t stre
 
 template <typename Acc>
 cudaError_t launch_stats_finalize(const DwStatsParams& p, int64_t chunks, cudaStream_t stream) {
-  const int L = finalize_lanes(chunks);
-  dw_stats_finalize_kernel<Acc><<<finalize_blocks(p.s.C, L), kDwThreads, 0, stream>>>(
-      static_cast<const Acc*>(p.workspace), chunks, p.s.C, L, static_cast<Acc*>(p.mean),
-      static_cast<Acc*>(p.var));
-  return cudaGetLastError();
+  return launch_finalize<dw_stats_finalize_kernel<Acc>, Acc>(
+      p.workspace, chunks, p.s.C, 1, stream, static_cast<Acc*>(p.mean), static_cast<Acc*>(p.var));
 }
 
 template <typename T, int S, int VEC>
@@ -341,7 +337,7 @@ cudaError_t launch_stats_nchw(const DwStatsParams& p, DType dtype, cudaStream_t 
   const DwPlan g = dw_plan(DwKernel::kStats, p.s, dtype);
   if (g.cgroups > 0x7fffffff || g.chunks > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(g.cgroups), static_cast<unsigned>(g.chunks));
-  dw_stats_kernel<T, S, false><<<grid, kDwThreads, g.smem_bytes, stream>>>(
+  dw_stats_nchw_kernel<T, S><<<grid, kDwThreads, g.smem_bytes, stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.weight), static_cast<Acc*>(p.workspace),
       p.s, g);
   const cudaError_t err = cudaGetLastError();
@@ -360,15 +356,13 @@ cudaError_t dw_fwd(const DwFwdParams& p, DType dtype, cudaStream_t stream) {
     const bool vec_ok = s.C % kVec == 0 && aligned16(p.x) && aligned16(p.y);
     DWSEP_DISPATCH_ACT(p.act, ACT, {
       if (s.nhwc) {
-        if (s.stride == 1) {
-          return vec_ok ? launch_fwd_nhwc<T, 1, ACT, kVec>(p, stream)
-                        : launch_fwd_nhwc<T, 1, ACT, 1>(p, stream);
-        }
-        return vec_ok ? launch_fwd_nhwc<T, 2, ACT, kVec>(p, stream)
-                      : launch_fwd_nhwc<T, 2, ACT, 1>(p, stream);
+        return with_stride_vec<kVec>(s.stride, vec_ok, [&](auto S, auto V) {
+          return launch_fwd_nhwc<T, decltype(S)::value, ACT, decltype(V)::value>(p, stream);
+        });
       }
-      return s.stride == 1 ? launch_fwd_nchw<T, 1, ACT>(p, dtype, stream)
-                           : launch_fwd_nchw<T, 2, ACT>(p, dtype, stream);
+      return with_stride(s.stride, [&](auto S) {
+        return launch_fwd_nchw<T, decltype(S)::value, ACT>(p, dtype, stream);
+      });
     });
   });
   return cudaSuccess;
@@ -381,15 +375,14 @@ cudaError_t dw_stats(const DwStatsParams& p, DType dtype, cudaStream_t stream) {
   DWSEP_DISPATCH_DTYPE(dtype, T, {
     if (s.nhwc) {
       constexpr int kVec = 16 / sizeof(T);
-      if (s.C % kVec == 0 && aligned16(p.x)) {
-        return s.stride == 1 ? launch_stats_nhwc<T, 1, kVec>(p, dtype, stream)
-                             : launch_stats_nhwc<T, 2, kVec>(p, dtype, stream);
-      }
-      return s.stride == 1 ? launch_stats_nhwc<T, 1, 1>(p, dtype, stream)
-                           : launch_stats_nhwc<T, 2, 1>(p, dtype, stream);
+      const bool vec_ok = s.C % kVec == 0 && aligned16(p.x);
+      return with_stride_vec<kVec>(s.stride, vec_ok, [&](auto S, auto V) {
+        return launch_stats_nhwc<T, decltype(S)::value, decltype(V)::value>(p, dtype, stream);
+      });
     }
-    return s.stride == 1 ? launch_stats_nchw<T, 1>(p, dtype, stream)
-                         : launch_stats_nchw<T, 2>(p, dtype, stream);
+    return with_stride(s.stride, [&](auto S) {
+      return launch_stats_nchw<T, decltype(S)::value>(p, dtype, stream);
+    });
   });
   return cudaSuccess;
 }

@@ -101,7 +101,7 @@ int run(const std::string& op, const std::string& dir, const DwShape& s, DType d
     Acc* cv = exact_copy<Acc>(read_file(dir + "/c.bin", s.C * sizeof(Acc)), s.C);
     const bool use_z = op == "bwd";
     const dwsep::cuda::DwNhwcChunks g = dwsep::cuda::dw_nhwc_chunks(s, dtype);
-    const size_t off = dwsep::cuda::dw_nhwc_bwd_gconv_offset(s, dtype);
+    const size_t off = dwsep::cuda::dw_nhwc_bwd_gconv_offset(s, g);
     const size_t nws = dwsep::cuda::dw_workspace_elems(dwsep::cuda::DwKernel::kBwd, s, dtype);
     Acc* ws = nan_filled<Acc>(nws);
     T* gx = nan_filled<T>(nx);
