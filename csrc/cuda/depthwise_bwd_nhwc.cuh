@@ -26,6 +26,7 @@ __host__ __device__ __forceinline__ void dw_bwd_reduce_nhwc_thread(
     const typename AccOf<T>::type* __restrict__ invstd, typename AccOf<T>::type* ws,
     const DwShape& s, const DwNhwcChunks& g, int act, int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
+  constexpr bool kPf = kNhwcPrefetch<(sizeof(T) >= 4)>;  // see kNhwcPrefetch
   using V = Vec<T, VEC>;
   constexpr int TWS = dw_nhwc_strip_width(S);
   const int64_t strips = (s.Wo + TWS - 1) / TWS;
@@ -41,16 +42,18 @@ __host__ __device__ __forceinline__ void dw_bwd_reduce_nhwc_thread(
         }
         for (int64_t item = it0; item < it1; ++item) {
           const int64_t row = (item / strips) * s.Wo * s.C + c0;  // item / strips = n * Ho + ho
-          nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t wo, const Acc* z, const auto&) {
-            const V yv = *reinterpret_cast<const V*>(y + row + wo * s.C);
-            const V gv = *reinterpret_cast<const V*>(grad_y + row + wo * s.C);
+          nhwc_strip<T, S, VEC, kPf>(
+              x, taps, s, c0, item, [&](int64_t wo, const Acc* z, const auto&) {
+                const V yv = *reinterpret_cast<const V*>(y + row + wo * s.C);
+                const V gv = *reinterpret_cast<const V*>(grad_y + row + wo * s.C);
 #pragma unroll
-            for (int v = 0; v < VEC; ++v) {
-              const Acc gz = act_pass_rt(act, to_acc<Acc>(yv.v[v])) ? to_acc<Acc>(gv.v[v]) : Acc(0);
-              s_gz[v] += gz;
-              s_gzx[v] += gz * ((z[v] - mu[v]) * is[v]);
-            }
-          });
+                for (int v = 0; v < VEC; ++v) {
+                  const Acc gz =
+                      act_pass_rt(act, to_acc<Acc>(yv.v[v])) ? to_acc<Acc>(gv.v[v]) : Acc(0);
+                  s_gz[v] += gz;
+                  s_gzx[v] += gz * ((z[v] - mu[v]) * is[v]);
+                }
+              });
         }
         Acc* o = ws + (chunk * s.C + c0) * 2;
 #pragma unroll
@@ -73,6 +76,7 @@ __host__ __device__ __forceinline__ void dw_bwd_gconv_nhwc_thread(
     typename AccOf<T>::type* __restrict__ gconv, typename AccOf<T>::type* __restrict__ ws,
     const DwShape& s, const DwNhwcChunks& g, int act, bool use_z, int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
+  constexpr bool kPf = kNhwcPrefetch<true>;  // see kNhwcPrefetch
   using V = Vec<T, VEC>;
   using VA = Vec<Acc, VEC>;
   constexpr int TWS = dw_nhwc_strip_width(S);
@@ -91,7 +95,7 @@ __host__ __device__ __forceinline__ void dw_bwd_gconv_nhwc_thread(
         }
         for (int64_t item = it0; item < it1; ++item) {
           const int64_t row = (item / strips) * s.Wo * s.C + c0;  // item / strips = n * Ho + ho
-          nhwc_strip<T, S, VEC>(
+          nhwc_strip<T, S, VEC, kPf>(
               x, taps, s, c0, item, [&](int64_t wo, const Acc* z, const auto& win) {
                 const V yv = *reinterpret_cast<const V*>(y + row + wo * s.C);
                 const V gv = *reinterpret_cast<const V*>(grad_y + row + wo * s.C);
@@ -140,6 +144,7 @@ __host__ __device__ __forceinline__ void dw_bwd_dx_nhwc_thread(
     const typename AccOf<T>::type* __restrict__ gconv, const T* __restrict__ w,
     T* __restrict__ grad_x, const DwShape& s, int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
+  constexpr bool kPf = kNhwcPrefetch<false>;  // see kNhwcPrefetch
   using V = Vec<T, VEC>;
   using VA = Vec<Acc, VEC>;
   constexpr int TWS = dw_nhwc_strip_width(1);
@@ -158,13 +163,13 @@ __host__ __device__ __forceinline__ void dw_bwd_dx_nhwc_thread(
   for (int64_t item = tid / CG; item < items; item += workers) {
     T* xrow = grad_x + (item / strips) * s.W * s.C + c0;  // item / strips = n * H + h
     if constexpr (S == 1) {
-      nhwc_strip<Acc, 1, VEC>(gconv, taps, gs, c0, item,
-                              [&](int64_t wi, const Acc* z, const auto&) {
-                                V out;
+      const auto store = [&](int64_t wi, const Acc* z, const auto&) {
+        V out;
 #pragma unroll
-                                for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(z[v]);
-                                *reinterpret_cast<V*>(xrow + wi * s.C) = out;
-                              });
+        for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(z[v]);
+        *reinterpret_cast<V*>(xrow + wi * s.C) = out;
+      };
+      nhwc_strip<Acc, 1, VEC, kPf>(gconv, taps, gs, c0, item, store);
     } else {
       const int64_t h = (item / strips) % s.H;
       const int64_t n = item / strips / s.H;

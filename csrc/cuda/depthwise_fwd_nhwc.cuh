@@ -50,8 +50,14 @@ struct NhwcTapRegs {
 // f(wo, z, win) with z an Acc[VEC] and win the input window below. A 3x3 window of input vectors
 // slides along W: win[i][a] holds input row ho*S + i - 1, column wo*S + a - 1 for the current
 // output wo. Stepping wo -> wo+1 shifts it by S columns: S = 1 reuses columns a = 1, 2 as 0, 1 and
-// loads one new column; S = 2 reuses column 2 as 0 and loads two new columns.
-template <typename T, int S, int VEC, class F>
+// takes one new column; S = 2 reuses column 2 as 0 and takes two new columns.
+//
+// PREFETCH: the new columns of output wo + 1 are loaded before z of wo is computed, so a
+// thread's next loads are in flight during its arithmetic (S more 16-byte registers sets). Without
+// it each step waits for its own loads: the session-12 SASS of the bf16 forward issues three
+// 16-byte loads, waits, then ~210 instructions of arithmetic per output column, with one block
+// (8 warps) per SM to hide the latency.
+template <typename T, int S, int VEC, bool PREFETCH = true, class F>
 __host__ __device__ __forceinline__ void nhwc_strip(
     const T* __restrict__ x, const NhwcTapRegs<typename AccOf<T>::type, VEC>& taps,
     const DwShape& s, int64_t c0, int64_t item, F&& f) {
@@ -76,38 +82,57 @@ __host__ __device__ __forceinline__ void nhwc_strip(
     rowok[i] = hi >= 0 && hi < s.H;
     rowp[i] = x + ((n * s.H + (rowok[i] ? hi : 0)) * s.W) * s.C + c0;
   }
-  // Loads input column wi of the three rows into window column a.
-  V win[3][3];
-  auto load_col = [&](int a, int64_t wi) {
+  // Input column wi of the three rows (zero outside the image).
+  auto load_col = [&](V(&dst)[3], int64_t wi) {
     const bool colok = wi >= 0 && wi < s.W;
 #pragma unroll
     for (int i = 0; i < 3; ++i) {
-      win[i][a] = (rowok[i] && colok) ? *reinterpret_cast<const V*>(rowp[i] + wi * s.C) : zero;
+      dst[i] = (rowok[i] && colok) ? *reinterpret_cast<const V*>(rowp[i] + wi * s.C) : zero;
     }
   };
+  // The S new columns of output wo: S = 1 column wo + 1; S = 2 columns 2wo and 2wo + 1.
+  V nxt[S][3];
+  auto load_new = [&](int64_t wo) {
+    if (S == 2) load_col(nxt[0], wo * S);
+    load_col(nxt[S - 1], wo * S + 1);
+  };
 
+  V win[3][3];
   const int64_t wo0 = strip * TWS;
+  {
+    V c0v[3], c1v[3], c2v[3];
+    load_col(c0v, wo0 * S - 1);
+    load_col(c1v, wo0 * S);
+    load_col(c2v, wo0 * S + 1);
+#pragma unroll
+    for (int i = 0; i < 3; ++i) {
+      win[i][0] = c0v[i];
+      win[i][1] = c1v[i];
+      win[i][2] = c2v[i];
+    }
+  }
 #pragma unroll
   for (int kk = 0; kk < TWS; ++kk) {
     const int64_t wo = wo0 + kk;
     if (wo >= s.Wo) break;
-    if (kk == 0) {
-      load_col(0, wo * S - 1);
-      load_col(1, wo * S);
-      load_col(2, wo * S + 1);
-    } else if (S == 1) {
+    if (kk > 0) {
+      if (!PREFETCH) load_new(wo);
 #pragma unroll
       for (int i = 0; i < 3; ++i) {
-        win[i][0] = win[i][1];
-        win[i][1] = win[i][2];
+        if (S == 1) {
+          win[i][0] = win[i][1];
+          win[i][1] = win[i][2];
+          win[i][2] = nxt[0][i];
+        } else {
+          win[i][0] = win[i][2];
+          win[i][1] = nxt[0][i];
+          win[i][2] = nxt[S - 1][i];
+        }
       }
-      load_col(2, wo * S + 1);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 3; ++i) win[i][0] = win[i][2];
-      load_col(1, wo * S);
-      load_col(2, wo * S + 1);
     }
+    // Columns past the image are not loaded (load_col's bounds), so this reads nothing outside x
+    // even when wo + 1 is past the row.
+    if (PREFETCH && kk + 1 < TWS) load_new(wo + 1);
     Acc z[VEC];
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
@@ -122,6 +147,22 @@ __host__ __device__ __forceinline__ void nhwc_strip(
     f(wo, z, win);
   }
 }
+
+// Which bodies prefetch (nhwc_strip's PREFETCH), from the sm_90 ptxas report (session 13): only
+// where the kernel needs more than 128 registers without it, so that it runs one 256-thread
+// block per SM either way, and stays spill-free with it:
+//   forward, statistics: the 16-bit types (fp32 and fp64 fit in 128 registers without it, two
+//                        blocks per SM, and need 140-156 with it)
+//   backward reduction:  fp32 and fp64 (the 16-bit kernels, at 234-246 without, would spill)
+//   g_conv:              every type (184-209 without, 203-222 with)
+//   dx (stride 1):       none (116-118 without, 130-132 with)
+// Building with -DDWSEP_DW_NHWC_PREFETCH=0 (e.g. NVCC_APPEND_FLAGS) turns it off everywhere, for
+// an A/B measurement.
+#ifndef DWSEP_DW_NHWC_PREFETCH
+#define DWSEP_DW_NHWC_PREFETCH 1
+#endif
+template <bool kWanted>
+constexpr bool kNhwcPrefetch = DWSEP_DW_NHWC_PREFETCH != 0 && kWanted;
 
 // The (chunk, channel vector) pairs of the partition g = dw_nhwc_chunks(s, dtype) that thread
 // tid of nthreads takes in the reductions: pair index j * CG + cg (CG = C / VEC), pairs tid,
@@ -150,6 +191,7 @@ __host__ __device__ __forceinline__ void dw_fwd_nhwc_thread(
     const typename AccOf<T>::type* __restrict__ shift, T* __restrict__ y, const DwShape& s,
     int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
+  constexpr bool kPf = kNhwcPrefetch<sizeof(T) == 2>;  // see kNhwcPrefetch
   using V = Vec<T, VEC>;
   const int64_t CG = s.C / VEC;  // exact: VEC > 1 only when C % VEC == 0
   const int64_t workers = nthreads / CG;
@@ -167,7 +209,7 @@ __host__ __device__ __forceinline__ void dw_fwd_nhwc_thread(
   const int64_t strips = (s.Wo + TWS - 1) / TWS;
   for (int64_t item = tid / CG; item < items; item += workers) {
     T* yrow = y + ((item / strips) * s.Wo) * s.C + c0;  // item / strips = n * Ho + ho
-    nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t wo, const Acc* z, const auto&) {
+    nhwc_strip<T, S, VEC, kPf>(x, taps, s, c0, item, [&](int64_t wo, const Acc* z, const auto&) {
       V out;
 #pragma unroll
       for (int v = 0; v < VEC; ++v) out.v[v] = from_acc<T>(apply_act<ACT>(z[v] * sc[v] + sh[v]));
@@ -186,6 +228,7 @@ __host__ __device__ __forceinline__ void dw_stats_nhwc_thread(
     const T* __restrict__ x, const T* __restrict__ w, typename AccOf<T>::type* ws, const DwShape& s,
     const DwNhwcChunks& g, int64_t tid, int64_t nthreads) {
   using Acc = typename AccOf<T>::type;
+  constexpr bool kPf = kNhwcPrefetch<sizeof(T) == 2>;  // see kNhwcPrefetch
   for_chunk_pairs<VEC>(
       s, g, tid, nthreads, [&](int64_t chunk, int64_t c0, int64_t it0, int64_t it1) {
         const NhwcTapRegs<Acc, VEC> taps(w, c0);
@@ -193,7 +236,7 @@ __host__ __device__ __forceinline__ void dw_stats_nhwc_thread(
 #pragma unroll
         for (int v = 0; v < VEC; ++v) mean[v] = m2[v] = Acc(0);
         for (int64_t item = it0; item < it1; ++item) {
-          nhwc_strip<T, S, VEC>(x, taps, s, c0, item, [&](int64_t, const Acc* z, const auto&) {
+          nhwc_strip<T, S, VEC, kPf>(x, taps, s, c0, item, [&](int64_t, const Acc* z, const auto&) {
             cnt += Acc(1);
             const Acc r = Acc(1) / cnt;
 #pragma unroll
