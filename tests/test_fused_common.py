@@ -222,7 +222,16 @@ def test_gradcheck_float64(op, backend, device, training, variant):
         stats = {"running_mean": rm, "running_var": rv, "bn_weight": g, "bn_bias": b}
         return call(op, backend, x, w, stats, training=training, activation="relu6", **kw)
 
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+    # The Triton interpreter takes ~0.3 s a call and the full Jacobian of these inputs hundreds of
+    # calls: 70-430 s per case on the 2-core CI host, ~20 min over the 8. There gradcheck runs in
+    # fast mode (u^T J v for random u, v, in float64): it catches gross errors only, as its
+    # tolerance grows with u and v (grad_x scaled by 1 + 1e-4 in the Triton dx kernel passed it
+    # in train mode). Such errors are caught by test_matches_reference, which compares every
+    # float64 gradient of every backend with the float64 oracle at a few ulps (the same planted
+    # error failed all its Triton float64 training cases). The full Jacobian is checked on the cpu
+    # backend here and for triton on a GPU.
+    fast = backend == "triton" and device == "cpu"
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)
 
 
 @pytest.mark.parametrize("op", list(OPS))
