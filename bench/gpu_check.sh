@@ -9,7 +9,8 @@
 #   1. build    pip install -e . --no-build-isolation --no-deps against this machine's torch,
 #               CUDA_HOME from nvcc (or /usr/local/cuda), TORCH_CUDA_ARCH_LIST = this GPU's
 #               capability. Skipped when an up-to-date CUDA build is already in the tree
-#               (GPU_CHECK_REBUILD=1 forces it). Falls back to `setup.py build_ext --inplace`.
+#               (GPU_CHECK_REBUILD=1 forces it, from an empty build/). Falls back to
+#               `setup.py build_ext --inplace`.
 #   2. tests    pytest -m "gpu and not slow" tests/ (every test that runs a CUDA tensor; CI runs
 #               the CPU ones), Triton autotuning off (tests/conftest.py), pytest-xdist with
 #               GPU_CHECK_XDIST workers and pytest-timeout when installed. Each result is logged as
@@ -150,6 +151,10 @@ if want build; then
         echo "== build: reusing $so"
     else
         export DWSEP_BUILD_CUDA=1
+        # A forced rebuild starts from scratch, so that compile flags given through the
+        # environment (NVCC_APPEND_FLAGS, e.g. -DDWSEP_DW_NHWC_PREFETCH=0 for an A/B run), which
+        # ninja does not see, reach every object.
+        [[ "${GPU_CHECK_REBUILD:-0}" == 1 ]] && rm -rf build
         if ! run_step build "$(budget 300 270)" build.log \
             $PY -m pip install -v -e . --no-build-isolation --no-deps || ! cuda_build_ok; then
             run_step build_inplace "$(budget 300 270)" build_inplace.log \
