@@ -329,3 +329,34 @@ def test_dw_bwd_nhwc_threads_match_reference(host_binary, tmp_path, dtype, strid
             assert_close(gx, ref_gx, GRAD_TOLERANCES[dtype], f"{what} grad_x")
             gw = ws.double().sum(0).reshape(c, 1, 3, 3)
             assert_close(gw, ref_gw, tol, f"{what} grad_w", scale=gw_spread)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+def test_pack16_matches_torch_conversion(host_binary, tmp_path, dtype):
+    """``pack16`` (the 16-byte stores of the pointwise GEMM epilogue): the bytes it packs are
+    those of the values converted to the storage type one by one, in order (a swapped pair of
+    16-bit halves or a wrong rounding shows here). Values include ties for the 16-bit roundings,
+    signed zeros, subnormals, infinities and NaN."""
+    g = torch.Generator().manual_seed(16)
+    acc = ACC[dtype]
+    vals = torch.cat(
+        [
+            torch.randn(4093, generator=g, dtype=torch.float64) * 100,
+            torch.tensor([0.0, -0.0, 1e-40, -3e-39, 65504.0, 65520.0, 1e39]),
+            torch.tensor([float("inf"), float("-inf"), 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-11]),
+        ]
+    ).to(acc)
+    vals = torch.cat([vals, torch.full((1,), float("nan"), dtype=acc)])
+    per = 16 // torch.empty(0, dtype=dtype).element_size()
+    vals = vals[: vals.numel() // per * per]
+    (tmp_path / "x.bin").write_bytes(_raw(vals))
+    args = [host_binary, "pack16", tmp_path, str(dtype).removeprefix("torch."), vals.numel()]
+    res = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stderr[-4000:]}"
+    got = (tmp_path / "y.bin").read_bytes()
+    want = _raw(vals.to(dtype))
+    assert len(got) == len(want)
+    bad = [i for i in range(0, len(want), 2) if got[i : i + 2] != want[i : i + 2]]
+    assert not bad, f"{len(bad)} of {len(want) // 2} 16-bit words differ, first at byte {bad[0]}"

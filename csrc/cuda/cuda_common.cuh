@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "cuda/launch.h"
 
@@ -49,6 +51,57 @@ template <>
 __host__ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
   return __float2bfloat16_rn(v);
 }
+
+// 16 bytes of T values (16 / sizeof(T) of them), converted from Acc and packed into four 32-bit
+// words, so that a store of the result is one 16-byte instruction. A struct of T[16 / sizeof(T)]
+// copied to memory is not: nvcc splits such a copy per element when the struct is filled element
+// by element (seen in the pointwise GEMM epilogue: eight 2-byte stores per 16 bytes of bf16).
+template <typename T, typename Acc>
+__host__ __device__ __forceinline__ uint4 pack16(const Acc* v) {
+  uint32_t w[4];
+  if constexpr (sizeof(T) == 2) {
+    auto bits = [](T x) -> uint32_t {
+      if constexpr (std::is_same_v<T, __half>)
+        return __half_as_ushort(x);
+      else
+        return __bfloat16_as_ushort(x);
+    };
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      w[q] = bits(from_acc<T>(v[2 * q])) | (bits(from_acc<T>(v[2 * q + 1])) << 16);
+  } else if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float f = from_acc<float>(v[q]);
+      uint32_t u;
+      memcpy(&u, &f, 4);
+      w[q] = u;
+    }
+  } else {
+    static_assert(sizeof(T) == 8, "pack16 packs 2-, 4- or 8-byte values");
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const double d = from_acc<double>(v[q]);
+      uint64_t u;
+      memcpy(&u, &d, 8);
+      w[2 * q] = static_cast<uint32_t>(u);
+      w[2 * q + 1] = static_cast<uint32_t>(u >> 32);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+#ifdef __CUDACC__
+// One 16-byte store to global memory (dst 16-byte aligned). Inline PTX because a plain store of
+// a uint4 is not always one instruction: in the pointwise GEMM epilogue nvcc 13 emitted four
+// 4-byte stores for `*reinterpret_cast<uint4*>(dst) = v` (alignment not carried through), which
+// the same statement in a small kernel did not.
+__device__ __forceinline__ void st_global16(void* dst, uint4 v) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+#endif
 
 // Whether a pointer allows 16-byte vector accesses.
 inline bool aligned16(const void* p) {

@@ -113,11 +113,28 @@ __device__ __forceinline__ T zero_value() {
   return from_acc<T>(typename AccOf<T>::type(0));
 }
 
-// 16 bytes of OutT values, stored (or loaded) with one instruction.
-template <typename OutT, int VO>
-struct alignas(16) Pack {
-  OutT v[VO];
-};
+// v[0, N) = p[0, N) for fp32 or fp64 values, in 16-byte loads (p 16-byte aligned).
+template <typename Acc, int N>
+__device__ __forceinline__ void load16(Acc (&v)[N], const Acc* p) {
+  static_assert((N * sizeof(Acc)) % 16 == 0, "whole 16-byte chunks");
+  if constexpr (sizeof(Acc) == 4) {
+#pragma unroll
+    for (int q = 0; q < N / 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(p)[q];
+      v[4 * q] = f.x;
+      v[4 * q + 1] = f.y;
+      v[4 * q + 2] = f.z;
+      v[4 * q + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int q = 0; q < N / 2; ++q) {
+      const double2 f = reinterpret_cast<const double2*>(p)[q];
+      v[2 * q] = f.x;
+      v[2 * q + 1] = f.y;
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Compile-time configuration.
@@ -206,7 +223,8 @@ struct KArgs {
   int64_t tiles_m, tiles_n;
   bool reduce;
   int a_w, b_w;  // copy widths of the operand loads in bytes: 16, 8, 4, or 0 (element-wise)
-  bool c_vec;
+  bool c_vec;    // C rows allow 16-byte stores
+  bool ss_vec;   // scale and shift allow 16-byte loads
   int epi, chan, act;
   const void* scale;
   const void* shift;
@@ -253,7 +271,7 @@ __device__ __forceinline__ void load_tile(T* s, int pitch, const T* g, int64_t l
   if constexpr (W == 0) {
     // Element-wise: every load of the thread's ITERS chunks first, then the shared stores, so
     // one global round trip per stage instead of one per chunk.
-    Pack<T, V> pk[ITERS];
+    T pk[ITERS][V];
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int ci = tid + it * NT;
@@ -262,12 +280,12 @@ __device__ __forceinline__ void load_tile(T* s, int pitch, const T* g, int64_t l
       const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
       const T* src = g + r * ld + c;
 #pragma unroll
-      for (int e = 0; e < V; ++e) pk[it].v[e] = e < nvalid ? src[e] : zero_value<T>();
+      for (int e = 0; e < V; ++e) pk[it][e] = e < nvalid ? src[e] : zero_value<T>();
     }
 #pragma unroll
     for (int it = 0; it < ITERS; ++it) {
       const int ci = tid + it * NT;
-      *reinterpret_cast<Pack<T, V>*>(s + (ci / CPR) * pitch + (ci % CPR) * V) = pk[it];
+      *reinterpret_cast<uint4*>(s + (ci / CPR) * pitch + (ci % CPR) * V) = pack16<T>(pk[it]);
     }
   } else {
 #pragma unroll 1
@@ -502,32 +520,23 @@ __device__ __forceinline__ void store_tile(const KArgs& a, const Acc* cs, int64_
     const int nj = min(VO, nv - cc);
     const int64_t gm = m0 + r, gn = n0 + cc;
     Acc v[VO];
-    const Acc* src = cs + r * L::SC + cc;
-    if constexpr (sizeof(Acc) == 4) {
-#pragma unroll
-      for (int q = 0; q < VO / 4; ++q) {
-        const float4 f = reinterpret_cast<const float4*>(src)[q];
-        v[4 * q] = f.x;
-        v[4 * q + 1] = f.y;
-        v[4 * q + 2] = f.z;
-        v[4 * q + 3] = f.w;
-      }
-    } else {
-#pragma unroll
-      for (int q = 0; q < VO / 2; ++q) {
-        const double2 f = reinterpret_cast<const double2*>(src)[q];
-        v[2 * q] = f.x;
-        v[2 * q + 1] = f.y;
-      }
-    }
+    load16<Acc, VO>(v, cs + r * L::SC + cc);
     if (chan == 1) {
       const Acc s = scale[gm], h = shift[gm];
 #pragma unroll
       for (int j = 0; j < VO; ++j) v[j] = v[j] * s + h;
     } else if (chan == 2) {
+      if (a.ss_vec && nj == VO) {  // 16-byte loads of the VO scales and shifts (gn % VO == 0)
+        Acc sc[VO], sh[VO];
+        load16<Acc, VO>(sc, scale + gn);
+        load16<Acc, VO>(sh, shift + gn);
 #pragma unroll
-      for (int j = 0; j < VO; ++j)
-        if (j < nj) v[j] = v[j] * scale[gn + j] + shift[gn + j];
+        for (int j = 0; j < VO; ++j) v[j] = v[j] * sc[j] + sh[j];
+      } else {
+#pragma unroll
+        for (int j = 0; j < VO; ++j)
+          if (j < nj) v[j] = v[j] * scale[gn + j] + shift[gn + j];
+      }
     }
     if (act == 1) {
 #pragma unroll
@@ -538,10 +547,7 @@ __device__ __forceinline__ void store_tile(const KArgs& a, const Acc* cs, int64_
     }
     OutT* dst = out + gm * a.ldc + gn;
     if (a.c_vec && nj == VO) {
-      Pack<OutT, VO> pk;
-#pragma unroll
-      for (int j = 0; j < VO; ++j) pk.v[j] = from_acc<OutT>(v[j]);
-      *reinterpret_cast<Pack<OutT, VO>*>(dst) = pk;
+      st_global16(dst, pack16<OutT>(v));
     } else {
 #pragma unroll
       for (int j = 0; j < VO; ++j)
@@ -947,6 +953,7 @@ cudaError_t pw_gemm(const PwGemmParams& p, DType dtype, cudaStream_t stream) {
   if (es > 2 && (a.a_w == 0 || a.b_w == 0)) return cudaErrorMisalignedAddress;
   const int vo = p.epi == PwGemmParams::kPartial ? 16 / (dtype == DType::kFloat64 ? 8 : 4) : V;
   a.c_vec = p.ldc % vo == 0 && p.batch_c % vo == 0 && aligned16(p.c);
+  a.ss_vec = aligned16(p.scale) && aligned16(p.shift);
   a.epi = p.epi, a.chan = p.chan, a.act = p.act;
   a.scale = p.scale, a.shift = p.shift;
   a.stat_cnt = p.stat_cnt, a.stat_mean = p.stat_mean, a.stat_m2 = p.stat_m2;

@@ -16,6 +16,7 @@
 //     DTYPE: float32 | float64 | float16 | bfloat16; VEC: 1 (scalar) or 0 (the launcher's
 //     vectors: 16 bytes, 4 channels for the 16-bit types in bwd; C must be a multiple);
 //     NTHREADS: the emulated grid's thread count.
+//   dw_nhwc_host pack16 DIR DTYPE COUNT   (run_pack16 below)
 // The output is filled with 0xff bytes (NaN in every dtype) before the run, so a value the
 // kernel does not write shows up as NaN.
 #include <cstdio>
@@ -192,7 +193,39 @@ int dispatch(const std::string& op, const std::string& dir, const DwShape& s, DT
 
 }  // namespace
 
+// pack16 (cuda_common.cuh, the 16-byte stores of the pointwise GEMM epilogue): x.bin holds
+// COUNT accumulator values (fp64 for DTYPE float64, fp32 otherwise), COUNT a multiple of
+// 16 / sizeof(T); y.bin gets each group of 16 / sizeof(T) converted to T and packed, in the
+// order the 16 bytes land in memory.
+template <typename T>
+int run_pack16(const std::string& dir, int64_t count) {
+  using Acc = typename AccOf<T>::type;
+  constexpr int64_t V = 16 / sizeof(T);
+  if (count % V != 0) {
+    std::fprintf(stderr, "pack16: COUNT must be a multiple of %lld\n", static_cast<long long>(V));
+    return 2;
+  }
+  const auto raw = read_file(dir + "/x.bin", static_cast<size_t>(count) * sizeof(Acc));
+  Acc* v = exact_copy<Acc>(raw, static_cast<size_t>(count));
+  uint4* out = nan_filled<uint4>(static_cast<size_t>(count / V));
+  for (int64_t i = 0; i < count / V; ++i) out[i] = dwsep::cuda::pack16<T>(v + i * V);
+  const int rc = write_file(dir + "/y.bin", out, static_cast<size_t>(count / V));
+  std::free(v);
+  std::free(out);
+  return rc;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[1]) == "pack16") {  // pack16 DIR DTYPE COUNT
+    const std::string dir = argv[2], dtype = argv[3];
+    const int64_t count = std::atoll(argv[4]);
+    if (dtype == "float32") return run_pack16<float>(dir, count);
+    if (dtype == "float64") return run_pack16<double>(dir, count);
+    if (dtype == "float16") return run_pack16<__half>(dir, count);
+    if (dtype == "bfloat16") return run_pack16<__nv_bfloat16>(dir, count);
+    std::fprintf(stderr, "unknown dtype %s\n", dtype.c_str());
+    return 2;
+  }
   if (argc != 12) {
     std::fprintf(stderr, "usage: %s OP DIR DTYPE N C H W STRIDE ACT VEC NTHREADS\n", argv[0]);
     return 2;
