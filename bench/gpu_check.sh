@@ -24,6 +24,11 @@
 #               SANITIZE_TRITON=1 adds a memcheck pass over the triton backend.
 #   4. profile  bench/profile_layers.py: per-kernel GPU time of PROFILE_LAYERS (dw2,pw6) in
 #               PROFILE_MODES (fwd_bwd) for eager, cuda and triton -> OUTDIR/profile.md.
+#   ncu         (not in the default steps) Nsight Compute on one warm call of each of
+#               NCU_LAYERS (pw2,pw6,dw2) x NCU_MODES (inference) x NCU_IMPLS (cuda,triton):
+#               speed of light, occupancy, launch, warp-state and memory sections per kernel,
+#               clocks left alone; appended to OUTDIR/profile.md. The first thing to run where
+#               a kernel is far from its roofline and the source does not say why.
 #   5. bench    python -m dwsep bench --out OUTDIR (BENCH_ARGS, default "--quick --graph"), with
 #               a time budget from what is left.
 #
@@ -37,7 +42,8 @@
 # Knobs: GPU_CHECK_STEPS (default "build,tests,sanitize,profile,bench"), GPU_CHECK_TOTAL_S (570),
 # GPU_CHECK_XDIST (8; 0 = no xdist), GPU_CHECK_TEST_MARK ("gpu and not slow"), PYTEST_ARGS
 # (extra pytest args), BENCH_ARGS ("--quick --graph"), PROFILE_LAYERS, PROFILE_MODES, SANITIZE_TRITON
-# (0), GPU_CHECK_EXPORT_SO (0), GPU_CHECK_REUSE_SO (0), PYTHON (python3), CUDA_HOME,
+# (0), NCU_LAYERS, NCU_MODES, NCU_IMPLS, GPU_CHECK_EXPORT_SO (0), GPU_CHECK_REUSE_SO (0), PYTHON
+# (python3), CUDA_HOME,
 # TORCH_CUDA_ARCH_LIST, MAX_JOBS.
 set -u
 
@@ -288,6 +294,21 @@ if want profile; then
         $PY bench/profile_layers.py --layers "${PROFILE_LAYERS:-dw2,pw6}" \
         --modes "${PROFILE_MODES:-fwd_bwd}" --impls eager,cuda,triton
     cp "$LOGS/profile.log" "$OUT/profile.md"
+fi
+
+# ------------------------------------------------------------------ ncu (on request)
+if want ncu; then
+    if command -v ncu >/dev/null 2>&1; then
+        run_step ncu "$(budget 240 30)" ncu.log \
+            ncu --profile-from-start off --clock-control none --target-processes all \
+            --section SpeedOfLight --section LaunchStats --section Occupancy \
+            --section WarpStateStats --section MemoryWorkloadAnalysis --section SchedulerStats \
+            $PY bench/profile_layers.py --ncu --layers "${NCU_LAYERS:-pw2,pw6,dw2}" \
+            --modes "${NCU_MODES:-inference}" --impls "${NCU_IMPLS:-cuda,triton}"
+        { echo; echo "## ncu"; echo; echo '```'; cat "$LOGS/ncu.log"; echo '```'; } >>"$OUT/profile.md"
+    else
+        STEP_ROWS+="| ncu | skipped: ncu not found | 0 | |"$'\n'
+    fi
 fi
 
 # ------------------------------------------------------------------ 5. benchmark report

@@ -3,6 +3,8 @@ op (statistics, finalize, backward reduction, backward) costs what, next to eage
 
     python bench/profile_layers.py                         # dw2 and pw6, fwd_bwd, bf16 NHWC b256
     python bench/profile_layers.py --layers dw2,dw6 --modes train_fwd,fwd_bwd --impls cuda,triton
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight \\
+        python bench/profile_layers.py --ncu --layers pw2 --modes inference --impls cuda,triton
 
 Prints one table per (layer, mode, implementation): the kernels by self GPU time per call. The
 profiler adds little per kernel, but these are not the benchmark's numbers (those come from
@@ -68,6 +70,24 @@ def profile_case(
     return "\n".join(lines) + "\n"
 
 
+def ncu_case(layer, mode: str, impl: str, dtype: torch.dtype, layout: str, device: str) -> str:
+    """One call of the case inside cudaProfilerStart/Stop, after the warm-up (compilation,
+    autotuning): run the script under ``ncu --profile-from-start off`` and only these calls'
+    kernels are profiled, in the order the cases are printed."""
+    inp = R.make_layer_inputs(layer, mode, dtype, layout, device, nsets=1)
+    fn = R.layer_step(inp, impl)
+    for _ in range(3):
+        fn(0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+    fn(0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+    return f"### {layer.name} {mode} {impl}: one call profiled"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -80,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rows", type=int, default=12, help="kernels shown per table")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to dry-run this script")
+    ap.add_argument(
+        "--ncu",
+        action="store_true",
+        help="no profiler tables: bracket one warm call per case with cudaProfilerStart/Stop, "
+        "for `ncu --profile-from-start off` (bench/gpu_check.sh, step ncu)",
+    )
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("profile_layers: needs a CUDA device (or --device cpu)", file=sys.stderr)
@@ -93,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes.split(","):
             for impl in args.impls.split(","):
                 try:
-                    print(
-                        profile_case(layer, mode, impl, dtype, layout, args.rows, args.device),
-                        flush=True,
-                    )
+                    if args.ncu:
+                        text = ncu_case(layer, mode, impl, dtype, layout, args.device)
+                    else:
+                        text = profile_case(
+                            layer, mode, impl, dtype, layout, args.rows, args.device
+                        )
+                    print(text, flush=True)
                 except Exception as exc:  # report and go on with the other cases
                     failed += 1
                     print(f"### {layer.name} {mode} {impl}: FAILED: {exc!r}\n", flush=True)
