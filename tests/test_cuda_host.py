@@ -360,3 +360,43 @@ def test_pack16_matches_torch_conversion(host_binary, tmp_path, dtype):
     assert len(got) == len(want)
     bad = [i for i in range(0, len(want), 2) if got[i : i + 2] != want[i : i + 2]]
     assert not bad, f"{len(bad)} of {len(want) // 2} 16-bit words differ, first at byte {bad[0]}"
+
+
+def _pwtile_cases():
+    """(dtype, BM, major, copy width) of every operand tile the pointwise GEMM loads
+    (pointwise_fwd.cu: CfgBig for the 16-bit types, CfgSmall / CfgF64; K-major or M/N-major;
+    the widths pw_gemm's copy_width can pick for the type)."""
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        es = torch.empty(0, dtype=dtype).element_size()
+        widths = [w for w in (16, 8, 4) if w >= es] + ([0] if es == 2 else [])
+        for bm in (64, 128) if es == 2 else (64,):
+            for major in ("k", "mn"):
+                cases += [(dtype, bm, major, w) for w in widths]
+    return cases
+
+
+@pytest.mark.parametrize(
+    "dtype,bm,major,width", _pwtile_cases(), ids=lambda v: str(v).removeprefix("torch.")
+)
+def test_pw_load_tile_matches_reference(host_binary, dtype, bm, major, width):
+    """The pointwise GEMM's operand tile load (``load_tile``, csrc/cuda/pointwise_tile.cuh),
+    run for every thread of a block on the host (cp.async emulated): full tiles, ragged rows,
+    ragged columns (not a whole 16-byte chunk), both, an empty tile, at the tightest row stride
+    the copy width allows and at a wider one. The shared tile must hold the valid elements,
+    zeros elsewhere, and untouched padding; reads past the valid extent stop the run
+    (AddressSanitizer)."""
+    es = torch.empty(0, dtype=dtype).element_size()
+    bk = 64 // es
+    rows, cols = (bm, bk) if major == "k" else (bk, bm)
+    step = max(width // es, 1)  # the row stride must keep every row start width-aligned
+    runs = 0
+    for rl, cl in [(rows, cols), (rows - 3, cols), (rows, cols - 3), (rows - 1, 1), (0, cols)]:
+        for ld in sorted({-(-cl // step) * step, -(-(cols + 5) // step) * step}):
+            ld = max(ld, step)
+            args = [host_binary, "pwtile", str(dtype).removeprefix("torch."), bm, major, width]
+            args += [rl, cl, ld]
+            res = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+            assert res.returncode == 0, f"{args[2:]}: exit {res.returncode}\n{res.stderr[-3000:]}"
+            runs += 1
+    assert runs >= 5

@@ -24,6 +24,7 @@
 
 #include "cuda/cuda_common.cuh"
 #include "cuda/pointwise.h"
+#include "cuda/pointwise_tile.cuh"
 
 namespace dwsep {
 namespace cuda {
@@ -32,26 +33,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // PTX wrappers (sm_80+).
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Async copy of W = 16, 8 or 4 bytes global -> shared; bytes past src_bytes (0..W) are
-// zero-filled. src and dst must be W-aligned (src even when src_bytes is 0). 16 bytes go through
-// L2 only (.cg exists for 16 bytes only), 8 and 4 bytes through L1 (.ca).
-template <int W>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
-  static_assert(W == 16 || W == 8 || W == 4, "cp.async copies 4, 8 or 16 bytes");
-  if constexpr (W == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "r"(src_bytes)
-                 : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "n"(W), "r"(src_bytes)
-                 : "memory");
-  }
-}
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -106,11 +87,6 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
   return r;
-}
-
-template <typename T>
-__device__ __forceinline__ T zero_value() {
-  return from_acc<T>(typename AccOf<T>::type(0));
 }
 
 // v[0, N) = p[0, N) for fp32 or fp64 values, in 16-byte loads (p 16-byte aligned).
@@ -234,70 +210,7 @@ struct KArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Global -> shared tile loads (one pipeline stage).
-//
-// Both operand layouts load the same way: a tile of R rows x CPR 16-byte chunks (K-major: rows
-// m or n, chunks along k; M/N-major: rows k, chunks along m or n). Row r of the tile starts at
-// g + r * ld in global memory and at s + r * pitch in shared memory; only its first rows_left
-// rows and the first cols_left elements of each row exist, everything else is zero-filled.
-// W is the copy width in bytes, the widest to which the operand's base pointer, ld and batch
-// stride are all aligned (picked on the host: 16 when VEC): 16, 8 or 4 bytes use cp.async (so a
-// row stride that is not a multiple of 16 bytes, e.g. an NCHW plane of 196 fp16 or 49 fp32
-// values, still loads asynchronously), 0 loads element-wise through registers (16-bit types
-// with 2-byte-aligned rows, e.g. an NCHW plane of 49 fp16 values): all the loads of a thread's
-// chunks are issued before their 16-byte shared stores, so they overlap.
-
-// One 16-byte chunk at d: its first nvalid (0..V) elements from src, the rest zero, in copies of
-// W bytes. `safe` is a valid W-aligned global address, passed to the copies that read nothing.
-template <typename T, int W>
-__device__ __forceinline__ void load_chunk(T* d, const T* src, const T* safe, int nvalid) {
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  constexpr int E = W / static_cast<int>(sizeof(T));  // elements per copy
-  static_assert(E >= 1 && V % E == 0, "the copy width must be a multiple of the element size");
-#pragma unroll
-  for (int q = 0; q < V / E; ++q) {
-    const int n = min(max(nvalid - q * E, 0), E);
-    cp_async<W>(d + q * E, n > 0 ? src + q * E : safe, n * static_cast<int>(sizeof(T)));
-  }
-}
-
-template <typename T, int R, int CPR, int NT, int W>
-__device__ __forceinline__ void load_tile(T* s, int pitch, const T* g, int64_t ld, int rows_left,
-                                          int cols_left, int tid) {
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  constexpr int CHUNKS = R * CPR;
-  constexpr int ITERS = CHUNKS / NT;
-  static_assert(CHUNKS % NT == 0, "chunks must divide evenly among threads");
-  if constexpr (W == 0) {
-    // Element-wise: every load of the thread's ITERS chunks first, then the shared stores, so
-    // one global round trip per stage instead of one per chunk.
-    T pk[ITERS][V];
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int ci = tid + it * NT;
-      const int r = ci / CPR;
-      const int c = (ci % CPR) * V;
-      const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
-      const T* src = g + r * ld + c;
-#pragma unroll
-      for (int e = 0; e < V; ++e) pk[it][e] = e < nvalid ? src[e] : zero_value<T>();
-    }
-#pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int ci = tid + it * NT;
-      *reinterpret_cast<uint4*>(s + (ci / CPR) * pitch + (ci % CPR) * V) = pack16<T>(pk[it]);
-    }
-  } else {
-#pragma unroll 1
-    for (int it = 0; it < ITERS; ++it) {
-      const int ci = tid + it * NT;
-      const int r = ci / CPR;
-      const int c = (ci % CPR) * V;
-      const int nvalid = r < rows_left ? min(max(cols_left - c, 0), V) : 0;
-      load_chunk<T, W>(s + r * pitch + c, g + r * ld + c, g, nvalid);
-    }
-  }
-}
+// Global -> shared tile loads (one pipeline stage): load_tile (pointwise_tile.cuh) per width.
 
 // VEC: 16-byte copies, no run-time branch. Otherwise one uniform branch on the width w, which
 // is 16 or 8 for fp64, 16, 8 or 4 for fp32 (element-aligned pointers always allow one element

@@ -17,6 +17,7 @@
 //     vectors: 16 bytes, 4 channels for the 16-bit types in bwd; C must be a multiple);
 //     NTHREADS: the emulated grid's thread count.
 //   dw_nhwc_host pack16 DIR DTYPE COUNT   (run_pack16 below)
+//   dw_nhwc_host pwtile DTYPE BM MAJOR W ROWS_LEFT COLS_LEFT LD   (check_tile below)
 // The output is filled with 0xff bytes (NaN in every dtype) before the run, so a value the
 // kernel does not write shows up as NaN.
 #include <cstdio>
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "cuda/depthwise_bwd_nhwc.cuh"
+#include "cuda/pointwise_tile.cuh"
 
 namespace {
 
@@ -215,7 +217,101 @@ int run_pack16(const std::string& dir, int64_t count) {
   return rc;
 }
 
+// pwtile (pointwise_tile.cuh, the GEMM's operand tile loads): every thread of one block runs
+// load_tile<T, R, CPR, NT, W> for a tile with rows_left rows of cols_left elements at stride ld
+// (an exact allocation, so a read past the last valid element stops the run); the shared tile,
+// pre-filled with 0xff bytes, must then hold those elements, zeros elsewhere in its R x CPR*V
+// extent, and the 0xff pattern in its row padding. The values are distinct finite bit
+// patterns; the comparison is bitwise. Returns 1 with the first mismatch.
+template <typename T, int R, int CPR, int NT, int W>
+int check_tile(int rows_left, int cols_left, int64_t ld) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int COLS = CPR * V;
+  const int pitch = COLS + V;
+  const size_t gcount =
+      rows_left > 0 ? static_cast<size_t>((rows_left - 1) * ld + cols_left) : size_t{0};
+  T* g = static_cast<T*>(std::malloc(gcount > 0 ? gcount * sizeof(T) : 16));
+  for (size_t i = 0; i < gcount; ++i) {
+    if constexpr (sizeof(T) == 2) {
+      const uint16_t bits = static_cast<uint16_t>(i % 30000 + 1);  // finite for fp16 and bf16
+      std::memcpy(g + i, &bits, 2);
+    } else {
+      g[i] = static_cast<T>(i + 1);
+    }
+  }
+  T* s = nan_filled<T>(static_cast<size_t>(R) * pitch);
+  for (int tid = 0; tid < NT; ++tid)
+    dwsep::cuda::load_tile<T, R, CPR, NT, W>(s, pitch, g, ld, rows_left, cols_left, tid);
+  const T zero = dwsep::cuda::zero_value<T>();
+  unsigned char ff[sizeof(T)];
+  std::memset(ff, 0xff, sizeof(T));
+  int bad = 0;
+  for (int r = 0; r < R && bad == 0; ++r) {
+    for (int c = 0; c < pitch; ++c) {
+      const void* want = c >= COLS                        ? static_cast<const void*>(ff)
+                         : r < rows_left && c < cols_left ? static_cast<const void*>(g + r * ld + c)
+                                                          : static_cast<const void*>(&zero);
+      if (std::memcmp(s + r * pitch + c, want, sizeof(T)) != 0) {
+        std::fprintf(stderr, "pwtile: shared element (%d, %d) wrong\n", r, c);
+        bad = 1;
+        break;
+      }
+    }
+  }
+  std::free(g);
+  std::free(s);
+  return bad;
+}
+
+// The tile shapes of pw_gemm_kernel: BK = 64 bytes of K per stage; K-major operands are BM rows
+// of BK / V chunks, M/N-major ones BK rows of BM / V chunks.
+template <typename T, int BM, int NT, bool KMAJOR>
+int run_pwtile(int w, int rows_left, int cols_left, int64_t ld) {
+  constexpr int V = 16 / sizeof(T), BK = 64 / sizeof(T);
+  constexpr int R = KMAJOR ? BM : BK, CPR = KMAJOR ? BK / V : BM / V;
+  if (w == 16) return check_tile<T, R, CPR, NT, 16>(rows_left, cols_left, ld);
+  if (w == 8) return check_tile<T, R, CPR, NT, 8>(rows_left, cols_left, ld);
+  if constexpr (sizeof(T) <= 4) {
+    if (w == 4) return check_tile<T, R, CPR, NT, 4>(rows_left, cols_left, ld);
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (w == 0) return check_tile<T, R, CPR, NT, 0>(rows_left, cols_left, ld);
+  }
+  std::fprintf(stderr, "pwtile: width %d is not one the kernel uses for this type\n", w);
+  return 2;
+}
+
+template <typename T>
+int pwtile_dispatch(int bm, bool kmajor, int w, int rows_left, int cols_left, int64_t ld) {
+  if (bm == 64) {  // CfgSmall / CfgF64: 4 warps
+    return kmajor ? run_pwtile<T, 64, 128, true>(w, rows_left, cols_left, ld)
+                  : run_pwtile<T, 64, 128, false>(w, rows_left, cols_left, ld);
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (bm == 128) {  // CfgBig: 8 warps, 16-bit types only
+      return kmajor ? run_pwtile<T, 128, 256, true>(w, rows_left, cols_left, ld)
+                    : run_pwtile<T, 128, 256, false>(w, rows_left, cols_left, ld);
+    }
+  }
+  std::fprintf(stderr, "pwtile: no BM=%d configuration for this type\n", bm);
+  return 2;
+}
+
 int main(int argc, char** argv) {
+  if (argc == 9 && std::string(argv[1]) == "pwtile") {
+    // pwtile DTYPE BM MAJOR(k|mn) W ROWS_LEFT COLS_LEFT LD
+    const std::string dtype = argv[2];
+    const int bm = std::atoi(argv[3]);
+    const bool kmajor = std::string(argv[4]) == "k";
+    const int w = std::atoi(argv[5]), rows = std::atoi(argv[6]), cols = std::atoi(argv[7]);
+    const int64_t ld = std::atoll(argv[8]);
+    if (dtype == "float32") return pwtile_dispatch<float>(bm, kmajor, w, rows, cols, ld);
+    if (dtype == "float64") return pwtile_dispatch<double>(bm, kmajor, w, rows, cols, ld);
+    if (dtype == "float16") return pwtile_dispatch<__half>(bm, kmajor, w, rows, cols, ld);
+    if (dtype == "bfloat16") return pwtile_dispatch<__nv_bfloat16>(bm, kmajor, w, rows, cols, ld);
+    std::fprintf(stderr, "unknown dtype %s\n", dtype.c_str());
+    return 2;
+  }
   if (argc == 5 && std::string(argv[1]) == "pack16") {  // pack16 DIR DTYPE COUNT
     const std::string dir = argv[2], dtype = argv[3];
     const int64_t count = std::atoll(argv[4]);
