@@ -42,15 +42,22 @@ def _self_us(evt, device: str) -> float:
     return 0.0
 
 
+def _warm_step(layer, mode: str, impl: str, dtype: torch.dtype, layout: str, device: str):
+    """The case's step function, called three times (compile, autotune, warm up) and synced."""
+    inp = R.make_layer_inputs(layer, mode, dtype, layout, device, nsets=1)
+    fn = R.layer_step(inp, impl)
+    for _ in range(3):
+        fn(0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return fn
+
+
 def profile_case(
     layer, mode: str, impl: str, dtype: torch.dtype, layout: str, rows: int, device: str = "cuda"
 ) -> str:
-    inp = R.make_layer_inputs(layer, mode, dtype, layout, device, nsets=1)
-    fn = R.layer_step(inp, impl)
+    fn = _warm_step(layer, mode, impl, dtype, layout, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(3):  # compile, autotune, warm up
-        fn(0)
-    sync()
     act = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
     with profile(activities=[act]) as prof:
         for _ in range(CALLS):
@@ -74,12 +81,8 @@ def ncu_case(layer, mode: str, impl: str, dtype: torch.dtype, layout: str, devic
     """One call of the case inside cudaProfilerStart/Stop, after the warm-up (compilation,
     autotuning): run the script under ``ncu --profile-from-start off`` and only these calls'
     kernels are profiled, in the order the cases are printed."""
-    inp = R.make_layer_inputs(layer, mode, dtype, layout, device, nsets=1)
-    fn = R.layer_step(inp, impl)
-    for _ in range(3):
-        fn(0)
+    fn = _warm_step(layer, mode, impl, dtype, layout, device)
     if device == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStart()
     fn(0)
     if device == "cuda":
