@@ -6,7 +6,9 @@ whether or not a GPU is present.
 
 Environment knobs:
   DWSEP_BUILD_CUDA=0/1      force the CUDA sources off / on (on fails when no toolkit is found)
-  TORCH_CUDA_ARCH_LIST      GPU architectures; default "8.0;9.0" (works on GPU-less builders)
+  TORCH_CUDA_ARCH_LIST      GPU architectures; default "8.0;9.0+PTX" plus the compute capability
+                            of every GPU this machine has (8.0 or newer, where nvcc knows it),
+                            with PTX for the newest (see default_cuda_arch_list)
   MAX_JOBS                  parallel compile jobs; default min(4, CPU count)
   DWSEP_CPU_ARCH_FLAGS      extra host ISA flags for the CPU kernels; default: AVX2+FMA when
                             this x86-64 host has them, none otherwise
@@ -81,6 +83,55 @@ def host_isa_flags() -> list[str]:
     return []
 
 
+# The kernels need sm_80 features (cp.async, ldmatrix, bf16 mma.sync); sm_80 SASS also runs on
+# the other 8.x chips. 9.0 is built for the H100, and PTX for the newest listed so that newer
+# GPUs (sm_100, sm_120, ...) JIT-compile it on first use.
+BASE_CUDA_ARCHS = ((8, 0), (9, 0))
+MIN_CUDA_ARCH = (8, 0)
+
+
+def default_cuda_arch_list(detected: list[tuple[int, int]], nvcc_archs: set[str] | None) -> str:
+    """TORCH_CUDA_ARCH_LIST when the user sets none: the base architectures plus each detected
+    GPU's compute capability (those below 8.0 are left out: the kernels need sm_80; those the
+    toolkit cannot compile for, per ``nvcc --list-gpu-arch`` (``nvcc_archs``, e.g.
+    ``{"compute_90"}``; None when unknown), are left to the PTX), with PTX for the newest."""
+    archs = set(BASE_CUDA_ARCHS)
+    for cap in detected:
+        if tuple(cap) >= MIN_CUDA_ARCH and (
+            nvcc_archs is None or f"compute_{cap[0]}{cap[1]}" in nvcc_archs
+        ):
+            archs.add(tuple(cap))
+    ordered = sorted(archs)
+    names = [f"{major}.{minor}" for major, minor in ordered]
+    names[-1] += "+PTX"
+    return ";".join(names)
+
+
+def nvcc_gpu_archs(cuda_home: str) -> set[str] | None:
+    """The virtual architectures this toolkit's nvcc compiles for, or None if it cannot say."""
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+    except OSError:
+        return None
+    archs = set(out.split())
+    return archs or None
+
+
+def detected_gpus(torch) -> list[tuple[int, int]]:
+    """Compute capabilities of the GPUs visible to this build (none on GPU-less builders)."""
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # a driver problem must not fail a build that needs no GPU
+        return []
+
+
 def build_ext_modules():
     # Decide on CUDA before torch.utils.cpp_extension reads CUDA_HOME at import time.
     want = os.environ.get("DWSEP_BUILD_CUDA", "auto").strip().lower()
@@ -92,11 +143,15 @@ def build_ext_modules():
         )
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))
 
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if cuda_home and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(
+            detected_gpus(torch), nvcc_gpu_archs(cuda_home)
+        )
 
     if cuda_home and torch.version.cuda is None:
         msg = f"torch {torch.__version__} is a CPU-only build, so the CUDA kernels cannot be built"
@@ -147,5 +202,6 @@ def build_ext_modules():
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
-ext_modules, cmdclass = build_ext_modules()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
+    ext_modules, cmdclass = build_ext_modules()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

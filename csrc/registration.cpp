@@ -8,7 +8,14 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+#include <tuple>
+#include <vector>
+
 #include "common.h"
+#ifdef DWSEP_WITH_CUDA
+#include "cuda/launch.h"
+#endif
 
 namespace dwsep {
 
@@ -18,6 +25,22 @@ void set_debug_poison(bool enable) {
   g_debug_poison = enable;
 }
 }  // namespace
+
+// (error, SASS version, PTX version) of this build's kernel image for CUDA device `device`
+// (cuda::kernel_image); error is the CUDA error's name and message, empty when an image runs
+// there, and says so when the extension was built without CUDA.
+std::tuple<std::vector<int64_t>, std::string> cuda_kernel_image(int64_t device) {
+#ifdef DWSEP_WITH_CUDA
+  int binary = 0, ptx = 0;
+  const cudaError_t e = cuda::kernel_image(static_cast<int>(device), &binary, &ptx);
+  std::string error;
+  if (e != cudaSuccess) error = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
+  return {{binary, ptx}, error};
+#else
+  (void)device;
+  return {{0, 0}, "dwsep._C was built without CUDA kernels"};
+#endif
+}
 
 bool debug_poison() {
   return g_debug_poison;
@@ -60,6 +83,8 @@ TORCH_LIBRARY(dwsep, m) {
   // Test hook: when enabled, every op fills its outputs with NaN (or a sentinel) before the
   // kernel runs, so tests can prove that each output element is written.
   m.def("_set_debug_poison(bool enable) -> ()", &set_debug_poison);
+  // Build coverage of a CUDA device: ([sass_version, ptx_version], error); see cuda_kernel_image.
+  m.def("_cuda_kernel_image(int device) -> (int[] versions, str error)", &cuda_kernel_image);
 }
 
 }  // namespace dwsep

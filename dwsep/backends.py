@@ -9,6 +9,9 @@ Backends:
 
 The default, ``"auto"``, picks per device: CUDA tensors use ``triton``, else ``cuda``, else
 ``torch`` (float64 CUDA tensors: ``cuda`` first); CPU tensors use ``cpu``, else ``torch``.
+The GPU backends need compute capability 8.0 or newer (Ampere, Ada, Hopper, Blackwell); on an
+older GPU, or one the CUDA build has no kernel image for, ``"auto"`` runs the reference ops and
+warns once, and naming such a backend raises :class:`BackendUnavailableError` saying why.
 Triton leads on CUDA because it measured faster than the CUDA kernels on every MobileNetV1
 layer and mode on an H100 (bf16, channels_last, batch 256; bench/results/2026-11-23_*); float64
 goes to the CUDA kernels because the Triton pointwise kernels failed gradcheck in float64 there.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -59,6 +63,92 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The GPU kernels use sm_80 instructions (cp.async, ldmatrix, bf16/tf32 mma.sync); Triton itself
+# supports NVIDIA GPUs from compute capability 8.0.
+MIN_CUDA_CAPABILITY = (8, 0)
+
+_GPU_PROBLEMS: dict[tuple[str, int], str] = {}
+
+
+def _constant_under_compile(fn):
+    """What ``torch.compiler.assume_constant_result`` does (torch.compile calls ``fn`` at trace
+    time and bakes its result into the graph), without importing torch._dynamo when dwsep is
+    imported (~1.5 s). tests/test_backends.py checks that it still matches torch's."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cuda_device(device: torch.device) -> tuple[int, tuple[int, int], str]:
+    """(index, compute capability, name) of CUDA device ``device``."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, tuple(torch.cuda.get_device_capability(index)), torch.cuda.get_device_name(index)
+
+
+def _cuda_kernel_image(index: int) -> tuple[list[int], str]:
+    """([sass_version, ptx_version], error) of dwsep._C's kernel image for CUDA device index
+    (no error, so no refusal, from an extension built before the probe existed)."""
+    try:
+        probe = torch.ops.dwsep._cuda_kernel_image
+    except (AttributeError, RuntimeError):
+        return [0, 0], ""
+    versions, error = probe(index)
+    return list(versions), error
+
+
+@_constant_under_compile
+def _gpu_problem(name: str, device: torch.device) -> str:
+    """Why backend ``name`` (``cuda`` or ``triton``) cannot run on CUDA device ``device``, or
+    ``""``: the compute capability, and for ``cuda`` whether dwsep._C holds a kernel image
+    for the GPU. Asked once per (backend, device) and cached; under torch.compile it runs at
+    trace time and its answer is a constant of the graph."""
+    key = (name, device.index if device.index is not None else -1)
+    known = _GPU_PROBLEMS.get(key)
+    if known is not None:  # the per-op path: one dict lookup
+        return known
+    if not _cuda_available():
+        return ""  # no device to ask (not cached); a tensor cannot be on one either
+    index, cap, gpu_name = _cuda_device(device)
+    gpu = f"{gpu_name} (cuda:{index}) has compute capability {cap[0]}.{cap[1]}"
+    why = ""
+    if cap < MIN_CUDA_CAPABILITY:
+        need = "cp.async, ldmatrix, bf16 mma.sync" if name == "cuda" else "Triton's own minimum"
+        why = f"the {name} kernels need compute capability 8.0 or newer ({need}); {gpu}"
+    elif name == "cuda":
+        _, error = _cuda_kernel_image(index)
+        if error:
+            why = (
+                f"dwsep._C holds no kernel image for this GPU: {gpu} ({error}); rebuild for it "
+                f'with TORCH_CUDA_ARCH_LIST="{cap[0]}.{cap[1]}" pip install -e . '
+                "--no-build-isolation"
+            )
+    _GPU_PROBLEMS[key] = why
+    return why
+
+
+@_constant_under_compile
+def _warn_reference_fallback(device: torch.device, op: str) -> bool:
+    """Warns once per device that ``"auto"`` found no kernel backend for it (the reason of
+    each), so the reference ops run there. Runs at trace time under torch.compile."""
+    key = ("auto", device.index if device.index is not None else -1)
+    if key in _GPU_PROBLEMS:
+        return True
+    reasons = "; ".join(
+        f"{b}: {_why_unavailable(b, device)}" for b in auto_order(device) if b != "torch"
+    )
+    warnings.warn(
+        f"dwsep.{op}: no kernel backend can run on {device}, so the pure-PyTorch reference "
+        f"ops run instead (correct, unfused). {reasons}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    _GPU_PROBLEMS[key] = "warned"
+    return True
+
+
 def _why_unavailable(name: str, device: torch.device) -> str | None:
     """None if ``name`` can run on tensors of ``device``, else a reason."""
     if name == "torch":
@@ -76,12 +166,12 @@ def _why_unavailable(name: str, device: torch.device) -> str | None:
             return "dwsep._C was built without CUDA kernels (rebuild with a CUDA toolkit)"
         if device.type != "cuda":
             return f"it runs on CUDA tensors, got tensors on {device}"
-        return None
+        return _gpu_problem("cuda", device) or None
     if name == "triton":
         if triton_version() is None:
             return "triton is not installed"
         if device.type == "cuda":
-            return None
+            return _gpu_problem("triton", device) or None
         if device.type == "cpu":
             if triton_interpret():
                 return None
@@ -149,6 +239,8 @@ def resolve(device: torch.device, op: str = "op", dtype: torch.dtype | None = No
     if name == "auto":
         for cand in auto_order(device, dtype):
             if _why_unavailable(cand, device) is None:
+                if cand == "torch" and device.type == "cuda":
+                    _warn_reference_fallback(device, op)
                 return cand
         return "torch"
     why = _why_unavailable(name, device)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import dwsep
 from dwsep import backends
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_build_info_fields():
@@ -148,3 +152,134 @@ def test_triton_autotune_options(monkeypatch):
     assert "cache_results" not in _common.autotune_options()
     monkeypatch.setattr(_common, "INTERPRET", True)
     assert _common.autotune_options() == {}
+
+
+# --- GPU generations: checked without a GPU by faking what torch.cuda reports -----------------
+
+CUDA0 = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend CUDA device 0 exists; returns a setter for its capability and kernel image."""
+    state = {"cap": (9, 0), "image": ([90, 90], "")}
+    monkeypatch.setattr(backends, "_cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "_cuda_device", lambda d: (0, state["cap"], "Fake GPU"))
+    monkeypatch.setattr(backends, "_cuda_kernel_image", lambda i: state["image"])
+    monkeypatch.setattr(backends, "_GPU_PROBLEMS", {})
+
+    def set_gpu(cap, image=([90, 90], "")):
+        state["cap"], state["image"] = cap, image
+        backends._GPU_PROBLEMS.clear()
+
+    return set_gpu
+
+
+def _needs_cuda_build():
+    if not dwsep.build_info()["cuda_compiled"]:
+        pytest.skip("dwsep._C built without CUDA kernels")
+
+
+def _needs_triton():
+    if backends.triton_version() is None:
+        pytest.skip("triton not installed")
+
+
+def test_gpu_backends_refuse_gpus_older_than_sm80(fake_gpu):
+    """A Turing GPU (sm_75): both kernel backends say why; "auto" runs the reference ops and
+    warns once, naming the reasons; a named backend raises."""
+    _needs_triton()
+    fake_gpu((7, 5))
+    why = backends._why_unavailable("triton", CUDA0)
+    assert why and "compute capability 8.0 or newer" in why and "7.5" in why and "Fake GPU" in why
+    if dwsep.build_info()["cuda_compiled"]:
+        why = backends._why_unavailable("cuda", CUDA0)
+        assert why and "8.0 or newer" in why and "7.5" in why
+    assert "triton" not in dwsep.available_backends(CUDA0)
+    with pytest.warns(RuntimeWarning, match=r"no kernel backend can run on cuda:0.*triton: the"):
+        assert backends.resolve(CUDA0, "some_op", torch.bfloat16) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device: the second call is silent
+        assert backends.resolve(CUDA0, "some_op", torch.float16) == "torch"
+    with dwsep.use_backend("triton"):
+        with pytest.raises(dwsep.BackendUnavailableError, match="need compute capability 8.0"):
+            backends.resolve(CUDA0, "some_op", torch.float16)
+
+
+def test_cuda_backend_needs_a_kernel_image_for_the_gpu(fake_gpu):
+    """A GPU newer than the build (no SASS, no PTX it can JIT): the cuda backend names the
+    rebuild command with the GPU's architecture; Triton still runs; a PTX-only image is fine."""
+    _needs_cuda_build()
+    fake_gpu((12, 0), ([0, 0], "cudaErrorNoKernelImageForDevice: no kernel image"))
+    why = backends._why_unavailable("cuda", CUDA0)
+    assert why and "no kernel image" in why and 'TORCH_CUDA_ARCH_LIST="12.0"' in why
+    assert backends._why_unavailable("triton", CUDA0) in (None, "triton is not installed")
+    with dwsep.use_backend("cuda"):
+        with pytest.raises(dwsep.BackendUnavailableError, match="holds no kernel image"):
+            backends.resolve(CUDA0, "some_op", torch.float64)
+    fake_gpu((12, 0), ([0, 90], ""))  # compute_90 PTX, JIT-compiled by the driver
+    assert backends._why_unavailable("cuda", CUDA0) is None
+    fake_gpu((8, 6))
+    assert backends._why_unavailable("cuda", CUDA0) is None
+
+
+def test_cuda_kernel_image_probe_runs_without_a_gpu():
+    """The real probe (csrc/cuda/device_check.cu through the registered op) on a machine with
+    no usable GPU reports an error instead of failing; with a GPU it finds this build's image."""
+    if not dwsep.build_info()["extension_loaded"]:
+        pytest.skip("dwsep._C not loaded")
+    versions, error = torch.ops.dwsep._cuda_kernel_image(0)
+    assert len(versions) == 2
+    if torch.cuda.is_available() and dwsep.build_info()["cuda_compiled"]:
+        if not error:
+            assert max(versions) >= 80, versions
+    else:
+        assert error and versions == [0, 0], (versions, error)
+
+
+def test_gpu_check_is_a_constant_under_compile(fake_gpu):
+    """torch.compile(fullgraph=True) calls the GPU check at trace time (no graph break) and
+    uses its answer; and the marker is the one torch.compiler.assume_constant_result sets."""
+    _needs_triton()
+
+    def mine():
+        pass
+
+    def theirs():
+        pass
+
+    backends._constant_under_compile(mine)
+    torch.compiler.assume_constant_result(theirs)
+    assert vars(mine) == vars(theirs)
+
+    fake_gpu((7, 5))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + (1.0 if backends._why_unavailable("triton", CUDA0) else 0.0)
+
+    assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
+def _load_setup_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dwsep_setup_py", ROOT / "setup.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # not __main__: defines the helpers, builds nothing
+    return mod
+
+
+def test_default_cuda_arch_list():
+    """The default TORCH_CUDA_ARCH_LIST: sm_80 and sm_90 always, PTX for the newest so that later
+    GPUs JIT it, plus the build machine's GPUs where nvcc knows them (none below 8.0)."""
+    setup_py = _load_setup_py()
+    archs = setup_py.default_cuda_arch_list
+    nvcc13 = {f"compute_{a}" for a in (75, 80, 86, 89, 90, 100, 120)}
+    assert archs([], nvcc13) == "8.0;9.0+PTX"
+    assert archs([(8, 6)], nvcc13) == "8.0;8.6;9.0+PTX"
+    assert archs([(9, 0), (9, 0)], nvcc13) == "8.0;9.0+PTX"
+    assert archs([(7, 5)], nvcc13) == "8.0;9.0+PTX"
+    assert archs([(12, 0), (8, 9)], nvcc13) == "8.0;8.9;9.0;12.0+PTX"
+    assert archs([(12, 0)], {"compute_80", "compute_90"}) == "8.0;9.0+PTX"
+    assert archs([(10, 0)], None) == "8.0;9.0;10.0+PTX"

@@ -24,5 +24,12 @@ struct BnActParams {
 
 cudaError_t bn_act(const BnActParams& p, DType dtype, cudaStream_t stream);
 
+// Whether this build holds a kernel image that can run on `device` (SASS for its architecture,
+// or PTX the driver can JIT-compile for it): cudaSuccess and the image's SASS and PTX versions
+// (10 * major + minor; 0 when absent), or the error (cudaErrorNoKernelImageForDevice when the
+// build does not cover this GPU). Every .cu file is built for the same architectures, so one
+// probe kernel answers for all kernels. The current device is left as it was.
+cudaError_t kernel_image(int device, int* binary_version, int* ptx_version);
+
 }  // namespace cuda
 }  // namespace dwsep
