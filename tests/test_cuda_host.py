@@ -376,7 +376,9 @@ def _pwtile_cases():
     cases = []
     for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         es = torch.empty(0, dtype=dtype).element_size()
-        widths = [w for w in (16, 8, 4) if w >= es] + ([0] if es == 2 else [])
+        # 17: kFullChunks, the 16-byte copies of chunks that are full or empty (the GEMM's
+        # VEC path, when the operands' contiguous extents are multiples of 16 bytes)
+        widths = [17] + [w for w in (16, 8, 4) if w >= es] + ([0] if es == 2 else [])
         for bm in (64, 128) if es == 2 else (64,):
             for major in ("k", "mn"):
                 cases += [(dtype, bm, major, w) for w in widths]
@@ -389,16 +391,24 @@ def _pwtile_cases():
 def test_pw_load_tile_matches_reference(host_binary, dtype, bm, major, width):
     """The pointwise GEMM's operand tile load (``load_tile``, csrc/cuda/pointwise_tile.cuh),
     run for every thread of a block on the host (cp.async emulated): full tiles, ragged rows,
-    ragged columns (not a whole 16-byte chunk), both, an empty tile, at the tightest row stride
-    the copy width allows and at a wider one. The shared tile must hold the valid elements,
+    ragged columns (not a whole 16-byte chunk; for width 17, the predicated full-chunk copies,
+    whole missing chunks), both, an empty tile, at the tightest row stride the copy width
+    allows and at a wider one. The shared tile must hold the valid elements,
     zeros elsewhere, and untouched padding; reads past the valid extent stop the run
     (AddressSanitizer)."""
     es = torch.empty(0, dtype=dtype).element_size()
     bk = 64 // es
+    v = 16 // es
     rows, cols = (bm, bk) if major == "k" else (bk, bm)
-    step = max(width // es, 1)  # the row stride must keep every row start width-aligned
+    step = max(min(width, 16) // es, 1)  # the row stride must keep every row start width-aligned
     runs = 0
-    for rl, cl in [(rows, cols), (rows - 3, cols), (rows, cols - 3), (rows - 1, 1), (0, cols)]:
+    extents = [(rows, cols), (rows - 3, cols), (rows, cols - 3), (rows - 1, 1), (0, cols)]
+    if width == 17:  # full or empty chunks only: whole missing chunks, not ragged ones
+        extents = [(rows, cols), (rows - 3, cols), (rows, cols - v), (rows - 1, v), (0, cols)]
+        bad = [host_binary, "pwtile", str(dtype).removeprefix("torch."), bm, major, 17]
+        res = subprocess.run([str(a) for a in [*bad, rows, cols - 1, cols]], capture_output=True)
+        assert res.returncode == 2, "the full-chunk load must refuse a ragged chunk"
+    for rl, cl in extents:
         for ld in sorted({-(-cl // step) * step, -(-(cols + 5) // step) * step}):
             ld = max(ld, step)
             args = [host_binary, "pwtile", str(dtype).removeprefix("torch."), bm, major, width]
@@ -407,3 +417,58 @@ def test_pw_load_tile_matches_reference(host_binary, dtype, bm, major, width):
             assert res.returncode == 0, f"{args[2:]}: exit {res.returncode}\n{res.stderr[-3000:]}"
             runs += 1
     assert runs >= 5
+
+
+def _pwwalk_cases():
+    """(dtype, BM, A layout, B layout) of every GEMM variant (pointwise_fwd.cu launch_layout)."""
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        es = torch.empty(0, dtype=dtype).element_size()
+        for bm in (64, 128) if es == 2 else (64,):
+            cases += [(dtype, bm, a, b) for a, b in (("k", "k"), ("k", "mn"), ("mn", "mn"))]
+    return cases
+
+
+@pytest.mark.parametrize(
+    "dtype,bm,amajor,bmajor", _pwwalk_cases(), ids=lambda v: str(v).removeprefix("torch.")
+)
+def test_pw_k_walk_matches_reference(host_binary, dtype, bm, amajor, bmajor):
+    """The pointwise GEMM's k-loop loads (``OperandStream`` + ``KWalk``,
+    csrc/cuda/pointwise_tile.cuh): every thread keeps its own operand streams across k-tiles, as
+    in pw_gemm_kernel, and each k-tile's A and B shared tiles must equal the elements of its
+    batch and k offset. Covers a whole batch of ragged k-tiles (the per-image GEMMs), a slice
+    running across batch boundaries mid-way (the split-K weight gradient), one-tile batches
+    (K < BK), a shared operand (batch stride 0), edge tiles in m and n, and every copy width
+    (17: the predicated full-chunk copies, on shapes whose chunks are full or empty)."""
+    es = torch.empty(0, dtype=dtype).element_size()
+    bk, v = 64 // es, 16 // es
+    widths = [17] + [w for w in (16, 8, 4) if w >= es] + ([0] if es == 2 else [])
+    runs = 0
+    for width in widths:
+        step = max(min(width, 16) // es, 1)  # strides must keep rows width-aligned
+        rag = 0 if width == 17 else 3  # full-chunk copies need extents that are multiples of V
+
+        def up(x, step=step):
+            return -(-x // step) * step
+
+        # (M, N, K, NB, kt0, nkt, shared B): whole batch 1 of 3; across batches; K < BK
+        for M, N, K, nb, kt0, nkt, shared_b in [
+            (bm + 2 * v + rag, bm + v + rag, 2 * bk + v + rag, 3, 3, 3, False),
+            (bm + v + rag, 2 * v + rag, bk + v + rag, 3, 1, 4, True),
+            (v + rag, bm + rag, v + rag, 2, 0, 2, False),
+        ]:
+            kt = -(-K // bk)
+            assert kt0 + nkt <= nb * kt
+            a_rows, a_cols = (M, K) if amajor == "k" else (K, M)
+            b_rows, b_cols = (N, K) if bmajor == "k" else (K, N)
+            lda, ldb = up(a_cols) + step, up(b_cols)
+            batch_a, batch_b = up(a_rows * lda + 1), 0 if shared_b else b_rows * ldb
+            for tm, tn in [(0, 0), (-(-M // bm) - 1, -(-N // bm) - 1)]:
+                args = [host_binary, "pwwalk", str(dtype).removeprefix("torch."), bm, amajor]
+                args += [bmajor, width, M, N, K, nb, lda, ldb, batch_a, batch_b, kt0, nkt, tm, tn]
+                res = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+                assert res.returncode == 0, (
+                    f"{args[2:]}: exit {res.returncode}\n{res.stderr[-3000:]}"
+                )
+                runs += 1
+    assert runs >= 6 * len(widths)

@@ -198,9 +198,10 @@ struct KArgs {
   int64_t Z;         // slices (batches, or splits when reducing)
   int64_t tiles_m, tiles_n;
   bool reduce;
-  int a_w, b_w;  // copy widths of the operand loads in bytes: 16, 8, 4, or 0 (element-wise)
-  bool c_vec;    // C rows allow 16-byte stores
-  bool ss_vec;   // scale and shift allow 16-byte loads
+  int a_w, b_w;      // copy widths of the operand loads in bytes: 16, 8, 4, or 0 (element-wise)
+  bool full_chunks;  // both operands' contiguous extents are multiples of 16 bytes
+  bool c_vec;        // C rows allow 16-byte stores
+  bool ss_vec;       // scale and shift allow 16-byte loads
   int epi, chan, act;
   const void* scale;
   const void* shift;
@@ -210,33 +211,37 @@ struct KArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Global -> shared tile loads (one pipeline stage): load_tile (pointwise_tile.cuh) per width.
+// Global -> shared tile loads (one pipeline stage): TileSource::load (pointwise_tile.cuh) per
+// copy width.
 
-// VEC: 16-byte copies, no run-time branch. Otherwise one uniform branch on the width w, which
-// is 16 or 8 for fp64, 16, 8 or 4 for fp32 (element-aligned pointers always allow one element
-// per copy), and 16, 8, 4 or 0 for 16-bit types.
-template <typename T, int R, int CPR, int NT, bool VEC>
-__device__ __forceinline__ void load_operand(T* s, int pitch, const T* g, int64_t ld, int rows_left,
-                                             int cols_left, int w, int tid) {
+// VEC: 16-byte copies of chunks that are full or empty (kFullChunks), no run-time branch.
+// Otherwise one uniform branch on the width w, which is 16 or 8 for fp64, 16, 8 or 4 for fp32
+// (element-aligned pointers always allow one element per copy), and 16, 8, 4 or 0 for 16-bit
+// types.
+template <bool VEC, class Op, typename T>
+__device__ __forceinline__ void load_operand(const Op& op, T* s, int pitch, int kv, int w) {
   if constexpr (!VEC) {
     if (w == 8) {
-      load_tile<T, R, CPR, NT, 8>(s, pitch, g, ld, rows_left, cols_left, tid);
+      op.template load<8>(s, pitch, kv);
       return;
     }
     if constexpr (sizeof(T) <= 4) {
       if (w == 4) {
-        load_tile<T, R, CPR, NT, 4>(s, pitch, g, ld, rows_left, cols_left, tid);
+        op.template load<4>(s, pitch, kv);
         return;
       }
     }
     if constexpr (sizeof(T) == 2) {
       if (w != 16) {
-        load_tile<T, R, CPR, NT, 0>(s, pitch, g, ld, rows_left, cols_left, tid);
+        op.template load<0>(s, pitch, kv);
         return;
       }
     }
   }
-  load_tile<T, R, CPR, NT, 16>(s, pitch, g, ld, rows_left, cols_left, tid);
+  if constexpr (VEC)
+    op.template load<kFullChunks>(s, pitch, kv);
+  else
+    op.template load<16>(s, pitch, kv);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -472,8 +477,8 @@ __device__ __forceinline__ void store_tile(const KArgs& a, const Acc* cs, int64_
 // ---------------------------------------------------------------------------------------------
 // The GEMM kernel.
 
-// VEC: both operands load with 16-byte copies (a_w == b_w == 16); otherwise the loads branch on
-// a_w / b_w at run time.
+// VEC: both operands load with 16-byte copies (a_w == b_w == 16) of chunks that are full or empty
+// (full_chunks); otherwise the loads branch on a_w / b_w at run time.
 template <Kind KD, class C, bool AK, bool BK_MAJOR, bool VEC>
 __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs args) {
   using T = typename KindTraits<KD>::T;
@@ -519,30 +524,23 @@ __global__ void __launch_bounds__(C::NT, C::MINB) pw_gemm_kernel(const KArgs arg
       }
     }
 
-    // Load the next k-tile into `stage`, then advance to the one after it.
+    // Each thread's share of the A and B tiles (pointwise_tile.cuh): positioned at k-tile
+    // (bi, k0) once per slice, then moved along k by one add per stage (KWalk).
+    OperandStream<T, L::BK, AK ? C::BM : L::BK, AK ? L::BK / V : C::BM / V, C::NT, AK> op_a(
+        tid, A, args.lda, args.batch_a, m0, mv);
+    OperandStream<T, L::BK, BK_MAJOR ? C::BN : L::BK, BK_MAJOR ? L::BK / V : C::BN / V, C::NT,
+                  BK_MAJOR>
+        op_b(tid, B, args.ldb, args.batch_b, n0, nv);
+    KWalk<L::BK> walk;
+    if (nkt > 0) walk.start(bi, k0, args.K, op_a, op_b);
+
+    // Load the next k-tile into `stage`, then move on to the one after it.
     auto load_stage = [&](int stage) {
       T* as = smem + stage * L::STAGE_ELEMS;
-      T* bs = as + L::A_ELEMS;
-      const T* Ab = A + bi * args.batch_a;
-      const T* Bb = B + bi * args.batch_b;
-      const int kv = static_cast<int>(min(static_cast<int64_t>(L::BK), args.K - k0));
-      if constexpr (AK)  // [m][k]: BM rows of BK / V chunks
-        load_operand<T, C::BM, L::BK / V, C::NT, VEC>(as, L::SA, Ab + m0 * args.lda + k0, args.lda,
-                                                      mv, kv, args.a_w, tid);
-      else  // [k][m]: BK rows of BM / V chunks
-        load_operand<T, L::BK, C::BM / V, C::NT, VEC>(as, L::SA, Ab + k0 * args.lda + m0, args.lda,
-                                                      kv, mv, args.a_w, tid);
-      if constexpr (BK_MAJOR)  // [n][k]
-        load_operand<T, C::BN, L::BK / V, C::NT, VEC>(bs, L::SB, Bb + n0 * args.ldb + k0, args.ldb,
-                                                      nv, kv, args.b_w, tid);
-      else  // [k][n]
-        load_operand<T, L::BK, C::BN / V, C::NT, VEC>(bs, L::SB, Bb + k0 * args.ldb + n0, args.ldb,
-                                                      kv, nv, args.b_w, tid);
-      k0 += L::BK;
-      if (k0 >= args.K) {  // that was the batch's last k-tile (KT = cdiv(K, BK))
-        k0 = 0;
-        ++bi;
-      }
+      const int kv = walk.depth();
+      load_operand<VEC>(op_a, as, L::SA, kv, args.a_w);
+      load_operand<VEC>(op_b, as + L::A_ELEMS, L::SB, kv, args.b_w);
+      walk.next(op_a, op_b);
     };
 
     Acc acc[C::MI][C::NI][4];
@@ -718,8 +716,9 @@ cudaError_t launch_gemm(const KArgs& a, cudaStream_t stream) {
 
 template <Kind KD, class C, bool AK, bool BK_MAJOR>
 cudaError_t launch_vec(const KArgs& a, cudaStream_t stream) {
-  return a.a_w == 16 && a.b_w == 16 ? launch_gemm<KD, C, AK, BK_MAJOR, true>(a, stream)
-                                    : launch_gemm<KD, C, AK, BK_MAJOR, false>(a, stream);
+  return a.a_w == 16 && a.b_w == 16 && a.full_chunks
+             ? launch_gemm<KD, C, AK, BK_MAJOR, true>(a, stream)
+             : launch_gemm<KD, C, AK, BK_MAJOR, false>(a, stream);
 }
 
 // The operand-layout combinations the pointwise ops use: (K, K), (K, N), (M, N).
@@ -864,6 +863,9 @@ cudaError_t pw_gemm(const PwGemmParams& p, DType dtype, cudaStream_t stream) {
   // Element-wise loads exist for 16-bit types only; wider elements are at least 4-byte aligned
   // (fp32: one element per copy; fp64: 8 bytes) unless the pointer is not element-aligned.
   if (es > 2 && (a.a_w == 0 || a.b_w == 0)) return cudaErrorMisalignedAddress;
+  // A tile's 16-byte chunks are then all full or empty: a K-major tile's valid columns are
+  // min(BK, K - k0), an M/N-major one's min(BM, M - m0) (BN, N), all multiples of V.
+  a.full_chunks = (p.a_kmajor ? p.K : p.M) % V == 0 && (p.b_kmajor ? p.K : p.N) % V == 0;
   const int vo = p.epi == PwGemmParams::kPartial ? 16 / (dtype == DType::kFloat64 ? 8 : 4) : V;
   a.c_vec = p.ldc % vo == 0 && p.batch_c % vo == 0 && aligned16(p.c);
   a.ss_vec = aligned16(p.scale) && aligned16(p.shift);

@@ -18,12 +18,16 @@
 //     NTHREADS: the emulated grid's thread count.
 //   dw_nhwc_host pack16 DIR DTYPE COUNT   (run_pack16 below)
 //   dw_nhwc_host pwtile DTYPE BM MAJOR W ROWS_LEFT COLS_LEFT LD   (check_tile below)
+//   dw_nhwc_host pwwalk DTYPE BM AMAJOR BMAJOR W M N K NB LDA LDB BATCH_A BATCH_B KT0 NKT TM TN
+//     (check_walk below)
 // The output is filled with 0xff bytes (NaN in every dtype) before the run, so a value the
 // kernel does not write shows up as NaN.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/depthwise_bwd_nhwc.cuh"
@@ -218,11 +222,12 @@ int run_pack16(const std::string& dir, int64_t count) {
 }
 
 // pwtile (pointwise_tile.cuh, the GEMM's operand tile loads): every thread of one block runs
-// load_tile<T, R, CPR, NT, W> for a tile with rows_left rows of cols_left elements at stride ld
-// (an exact allocation, so a read past the last valid element stops the run); the shared tile,
-// pre-filled with 0xff bytes, must then hold those elements, zeros elsewhere in its R x CPR*V
-// extent, and the 0xff pattern in its row padding. The values are distinct finite bit
-// patterns; the comparison is bitwise. Returns 1 with the first mismatch.
+// load_tile<T, R, CPR, NT, W> (W = 17: kFullChunks, the predicated 16-byte copies) for a tile with
+// rows_left rows of cols_left elements at stride ld (an exact allocation, so a read past the last
+// valid element stops the run); the shared tile, pre-filled with 0xff bytes, must then hold those
+// elements, zeros elsewhere in its R x CPR*V extent, and the 0xff pattern in its row padding. The
+// values are distinct finite bit patterns; the comparison is bitwise. Returns 1 with the first
+// mismatch.
 template <typename T, int R, int CPR, int NT, int W>
 int check_tile(int rows_left, int cols_left, int64_t ld) {
   constexpr int V = 16 / sizeof(T);
@@ -263,12 +268,176 @@ int check_tile(int rows_left, int cols_left, int64_t ld) {
   return bad;
 }
 
+// A deterministic distinct finite value for element i of an operand.
+template <typename T>
+T test_value(size_t i) {
+  if constexpr (sizeof(T) == 2) {
+    const uint16_t bits = static_cast<uint16_t>(i % 30000 + 1);  // finite for fp16 and bf16
+    T v;
+    std::memcpy(&v, &bits, 2);
+    return v;
+  } else {
+    return static_cast<T>(i + 1);
+  }
+}
+
+// An operand of nb batches (stride `batch`) of `rows` rows (stride ld) of `cols` elements, in an
+// exact allocation (a read past its last element stops the run).
+template <typename T>
+struct HostOperand {
+  T* p = nullptr;
+  size_t count = 0;
+  HostOperand(int64_t nb, int64_t batch, int64_t rows, int64_t ld, int64_t cols) {
+    count = rows > 0 && cols > 0 && nb > 0
+                ? static_cast<size_t>((nb - 1) * batch + (rows - 1) * ld + cols)
+                : size_t{0};
+    p = static_cast<T*>(std::malloc(count > 0 ? count * sizeof(T) : 16));
+    for (size_t i = 0; i < count; ++i) p[i] = test_value<T>(i);
+  }
+  ~HostOperand() { std::free(p); }
+};
+
+// Checks one shared tile (R rows of COLS elements, pitch COLS + V, pre-filled with 0xff) against
+// want(r, c): a pointer to the expected element, or nullptr where the tile must hold zero.
+template <typename T, int R, int COLS, class Want>
+int compare_tile(const T* s, const char* what, int64_t kt, Want want) {
+  constexpr int V = 16 / sizeof(T);
+  const T zero = dwsep::cuda::zero_value<T>();
+  unsigned char ff[sizeof(T)];
+  std::memset(ff, 0xff, sizeof(T));
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < COLS + V; ++c) {
+      const T* w = c < COLS ? want(r, c) : nullptr;
+      const void* expect = c >= COLS ? static_cast<const void*>(ff)
+                           : w       ? static_cast<const void*>(w)
+                                     : static_cast<const void*>(&zero);
+      if (std::memcmp(s + r * (COLS + V) + c, expect, sizeof(T)) != 0) {
+        std::fprintf(stderr, "pwwalk: k-tile %lld, %s tile element (%d, %d) wrong\n",
+                     static_cast<long long>(kt), what, r, c);
+        return 1;
+      }
+    }
+  return 0;
+}
+
+// pwwalk (pointwise_tile.cuh: OperandStream + KWalk, the GEMM's k-loop loads): every thread of
+// one block keeps its own A and B streams and k-walk, as in pw_gemm_kernel, and loads k-tiles
+// kt0 .. kt0 + nkt - 1 of the flattened (batch, k-tile) sequence for the C tile (tm, tn) of an
+// M x N x K GEMM over nb batches; A is [m][k] (AK) or [k][m], B [n][k] (BK) or [k][n], with the
+// given row and batch strides. After each k-tile both shared tiles are compared bitwise with
+// the elements of batch kt / KT at k offset (kt % KT) * BK, zeros outside the valid extents.
+template <typename T, int BM, int NT, bool AK, bool BKM, int W>
+int check_walk(int64_t M, int64_t N, int64_t K, int64_t nb, int64_t lda, int64_t ldb,
+               int64_t batch_a, int64_t batch_b, int64_t kt0, int64_t nkt, int64_t tm, int64_t tn) {
+  constexpr int V = 16 / sizeof(T), BK = 64 / sizeof(T), BN = BM;
+  constexpr int AR = AK ? BM : BK, ACOLS = AK ? BK : BM;
+  constexpr int BR = BKM ? BN : BK, BCOLS = BKM ? BK : BN;
+  using OpA = dwsep::cuda::OperandStream<T, BK, AR, ACOLS / V, NT, AK>;
+  using OpB = dwsep::cuda::OperandStream<T, BK, BR, BCOLS / V, NT, BKM>;
+  HostOperand<T> a(nb, batch_a, AK ? M : K, lda, AK ? K : M);
+  HostOperand<T> b(nb, batch_b, BKM ? N : K, ldb, BKM ? K : N);
+  const int64_t KT = (K + BK - 1) / BK, m0 = tm * BM, n0 = tn * BN;
+  const int mv = static_cast<int>(std::min<int64_t>(BM, M - m0));
+  const int nv = static_cast<int>(std::min<int64_t>(BN, N - n0));
+  std::vector<OpA> op_a;
+  std::vector<OpB> op_b;
+  std::vector<dwsep::cuda::KWalk<BK>> walk(NT);
+  for (int tid = 0; tid < NT; ++tid) {
+    op_a.emplace_back(tid, a.p, lda, batch_a, m0, mv);
+    op_b.emplace_back(tid, b.p, ldb, batch_b, n0, nv);
+    walk[tid].start(kt0 / KT, (kt0 % KT) * BK, K, op_a[tid], op_b[tid]);
+  }
+  T* sa = nan_filled<T>(static_cast<size_t>(AR) * (ACOLS + V));
+  T* sb = nan_filled<T>(static_cast<size_t>(BR) * (BCOLS + V));
+  int bad = 0;
+  for (int64_t kt = kt0; kt < kt0 + nkt && bad == 0; ++kt) {
+    const int64_t bi = kt / KT, k0 = (kt % KT) * BK;
+    const int kv = static_cast<int>(std::min<int64_t>(BK, K - k0));
+    std::memset(sa, 0xff, static_cast<size_t>(AR) * (ACOLS + V) * sizeof(T));
+    std::memset(sb, 0xff, static_cast<size_t>(BR) * (BCOLS + V) * sizeof(T));
+    for (int tid = 0; tid < NT && bad == 0; ++tid) {
+      if (walk[tid].depth() != kv) {
+        std::fprintf(stderr, "pwwalk: k-tile %lld, thread %d: depth %d, want %d\n",
+                     static_cast<long long>(kt), tid, walk[tid].depth(), kv);
+        bad = 1;
+      }
+      op_a[tid].template load<W>(sa, ACOLS + V, kv);
+      op_b[tid].template load<W>(sb, BCOLS + V, kv);
+      walk[tid].next(op_a[tid], op_b[tid]);
+    }
+    if (bad) break;
+    // A(m, k) of batch bi; the tile's row r and column c are (m, k) or (k, m).
+    bad = compare_tile<T, AR, ACOLS>(sa, "A", kt, [&](int r, int c) -> const T* {
+      const int m = AK ? r : c, k = AK ? c : r;
+      if (m >= mv || k >= kv) return nullptr;
+      const int64_t gm = m0 + m, gk = k0 + k;
+      return a.p + bi * batch_a + (AK ? gm * lda + gk : gk * lda + gm);
+    });
+    if (bad == 0)
+      bad = compare_tile<T, BR, BCOLS>(sb, "B", kt, [&](int r, int c) -> const T* {
+        const int n = BKM ? r : c, k = BKM ? c : r;
+        if (n >= nv || k >= kv) return nullptr;
+        const int64_t gn = n0 + n, gk = k0 + k;
+        return b.p + bi * batch_b + (BKM ? gn * ldb + gk : gk * ldb + gn);
+      });
+  }
+  std::free(sa);
+  std::free(sb);
+  return bad;
+}
+
+template <typename T, int BM, int NT, bool AK, bool BKM>
+int run_pwwalk(int w, const int64_t* g) {
+  auto run = [&](auto width) {
+    return check_walk<T, BM, NT, AK, BKM, decltype(width)::value>(
+        g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10], g[11]);
+  };
+  if (w == dwsep::cuda::kFullChunks) return run(std::integral_constant<int, 17>{});
+  if (w == 16) return run(std::integral_constant<int, 16>{});
+  if (w == 8) return run(std::integral_constant<int, 8>{});
+  if constexpr (sizeof(T) <= 4) {
+    if (w == 4) return run(std::integral_constant<int, 4>{});
+  }
+  if constexpr (sizeof(T) == 2) {
+    if (w == 0) return run(std::integral_constant<int, 0>{});
+  }
+  std::fprintf(stderr, "pwwalk: width %d is not one the kernel uses for this type\n", w);
+  return 2;
+}
+
+// The operand layouts the pointwise ops use: (K, K), (K, N), (M, N).
+template <typename T, int BM, int NT>
+int pwwalk_layout(bool ak, bool bk, int w, const int64_t* g) {
+  if (ak && bk) return run_pwwalk<T, BM, NT, true, true>(w, g);
+  if (ak && !bk) return run_pwwalk<T, BM, NT, true, false>(w, g);
+  if (!ak && !bk) return run_pwwalk<T, BM, NT, false, false>(w, g);
+  std::fprintf(stderr, "pwwalk: M-major A with K-major B is not a layout the GEMM runs\n");
+  return 2;
+}
+
+template <typename T>
+int pwwalk_dispatch(int bm, bool ak, bool bk, int w, const int64_t* g) {
+  if (bm == 64) return pwwalk_layout<T, 64, 128>(ak, bk, w, g);
+  if constexpr (sizeof(T) == 2) {
+    if (bm == 128) return pwwalk_layout<T, 128, 256>(ak, bk, w, g);
+  }
+  std::fprintf(stderr, "pwwalk: no BM=%d configuration for this type\n", bm);
+  return 2;
+}
+
 // The tile shapes of pw_gemm_kernel: BK = 64 bytes of K per stage; K-major operands are BM rows
 // of BK / V chunks, M/N-major ones BK rows of BM / V chunks.
 template <typename T, int BM, int NT, bool KMAJOR>
 int run_pwtile(int w, int rows_left, int cols_left, int64_t ld) {
   constexpr int V = 16 / sizeof(T), BK = 64 / sizeof(T);
   constexpr int R = KMAJOR ? BM : BK, CPR = KMAJOR ? BK / V : BM / V;
+  if (w == dwsep::cuda::kFullChunks) {  // 16-byte chunks that are full or empty
+    if (cols_left % V != 0) {
+      std::fprintf(stderr, "pwtile: full chunks need cols_left %% %d == 0, got %d\n", V, cols_left);
+      return 2;
+    }
+    return check_tile<T, R, CPR, NT, dwsep::cuda::kFullChunks>(rows_left, cols_left, ld);
+  }
   if (w == 16) return check_tile<T, R, CPR, NT, 16>(rows_left, cols_left, ld);
   if (w == 8) return check_tile<T, R, CPR, NT, 8>(rows_left, cols_left, ld);
   if constexpr (sizeof(T) <= 4) {
@@ -309,6 +478,21 @@ int main(int argc, char** argv) {
     if (dtype == "float64") return pwtile_dispatch<double>(bm, kmajor, w, rows, cols, ld);
     if (dtype == "float16") return pwtile_dispatch<__half>(bm, kmajor, w, rows, cols, ld);
     if (dtype == "bfloat16") return pwtile_dispatch<__nv_bfloat16>(bm, kmajor, w, rows, cols, ld);
+    std::fprintf(stderr, "unknown dtype %s\n", dtype.c_str());
+    return 2;
+  }
+  if (argc == 19 && std::string(argv[1]) == "pwwalk") {
+    // pwwalk DTYPE BM AMAJOR BMAJOR W M N K NB LDA LDB BATCH_A BATCH_B KT0 NKT TM TN
+    const std::string dtype = argv[2];
+    const int bm = std::atoi(argv[3]);
+    const bool ak = std::string(argv[4]) == "k", bk = std::string(argv[5]) == "k";
+    const int w = std::atoi(argv[6]);
+    int64_t g[12];
+    for (int i = 0; i < 12; ++i) g[i] = std::atoll(argv[7 + i]);
+    if (dtype == "float32") return pwwalk_dispatch<float>(bm, ak, bk, w, g);
+    if (dtype == "float64") return pwwalk_dispatch<double>(bm, ak, bk, w, g);
+    if (dtype == "float16") return pwwalk_dispatch<__half>(bm, ak, bk, w, g);
+    if (dtype == "bfloat16") return pwwalk_dispatch<__nv_bfloat16>(bm, ak, bk, w, g);
     std::fprintf(stderr, "unknown dtype %s\n", dtype.c_str());
     return 2;
   }
