@@ -5,15 +5,36 @@ allocate real tensors when given real ones); the launchers write into them."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch import Tensor
+
+
+def on_device_of(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches a kernel on the *current* CUDA device, whatever device its tensor
+    arguments are on; this makes ``t``'s device current for the launch (no-op when it already
+    is, or for CPU tensors under the interpreter). Without it, tensors on cuda:1 with cuda:0
+    current would run on the wrong GPU (peer reads or an illegal address)."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def register(fakes: dict) -> None:
     import kernels_triton as kt
 
     def define(name, fn):
-        op = torch.library.custom_op(f"dwsep_triton::{name}", fn, mutates_args=())
+        @functools.wraps(fn)  # the schema is inferred from fn's signature
+        def launch_on_input_device(*args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()))
+            with on_device_of(first):
+                return fn(*args, **kwargs)
+
+        op = torch.library.custom_op(
+            f"dwsep_triton::{name}", launch_on_input_device, mutates_args=()
+        )
         op.register_fake(fakes[name])
 
     def dw_fwd(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -283,3 +284,31 @@ def test_default_cuda_arch_list():
     assert archs([(12, 0), (8, 9)], nvcc13) == "8.0;8.9;9.0;12.0+PTX"
     assert archs([(12, 0)], {"compute_80", "compute_90"}) == "8.0;9.0+PTX"
     assert archs([(10, 0)], None) == "8.0;9.0;10.0+PTX"
+
+
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the dwsep_triton ops make the input's device
+    current first (checked with a fake tensor on cuda:1 while cuda:0 is current)."""
+    from dwsep._triton_ops import on_device_of
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(d):
+        entered.append(torch.device(d))
+        yield
+
+    class FakeCudaTensor:
+        is_cuda = True
+
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    with on_device_of(FakeCudaTensor(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with on_device_of(FakeCudaTensor(0)), on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]  # already current / a CPU tensor: nothing

@@ -173,6 +173,21 @@ def test_gpu_many_tiles(op, backend, device, dtype, layout, training):
         )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_gpu_tensors_on_a_device_that_is_not_current(op, backend, training):
+    """Tensors on cuda:1 while cuda:0 is current: the kernels must run on cuda:1 (the CUDA glue
+    takes a device guard; Triton launches on the current device unless told)."""
+    if backend not in dwsep.available_backends("cuda:1"):
+        pytest.skip(f"backend {backend} unavailable")
+    shape, extra, _ = OPS[op]
+    with torch.cuda.device(0):
+        run_and_compare(op, backend, "cuda:1", torch.float32, shape, training=training, **extra)
+
+
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
