@@ -26,8 +26,11 @@ __version__ = "0.1.0"
 
 
 def build_info() -> dict[str, Any]:
-    """What this installation has: versions, whether the CUDA kernels were compiled in, and
-    the backends that can run here."""
+    """What this installation has: versions, whether the CUDA kernels were compiled in, the
+    backends that can run here, and for each CUDA device its compute capability and why a GPU
+    backend cannot run there (``gpus``; empty without CUDA)."""
+    from .backends import gpu_info
+
     return {
         "dwsep": __version__,
         "torch": torch.__version__,
@@ -40,6 +43,7 @@ def build_info() -> dict[str, Any]:
         "triton": triton_version(),
         "backends": available_backends(),
         "backend": get_backend(),
+        "gpus": gpu_info(),
     }
 
 

@@ -149,6 +149,28 @@ def _warn_reference_fallback(device: torch.device, op: str) -> bool:
     return True
 
 
+def gpu_info() -> list[dict]:
+    """Per visible CUDA device: index, name, compute capability, the backends that can run on
+    it, and why each GPU backend cannot (empty without CUDA)."""
+    if not _cuda_available():
+        return []
+    out = []
+    for index in range(torch.cuda.device_count()):
+        dev = torch.device("cuda", index)
+        _, cap, name = _cuda_device(dev)
+        why = {b: _why_unavailable(b, dev) for b in ("triton", "cuda")}
+        out.append(
+            {
+                "index": index,
+                "name": name,
+                "capability": f"{cap[0]}.{cap[1]}",
+                "backends": [b for b in BACKENDS if _why_unavailable(b, dev) is None],
+                "unavailable": {b: w for b, w in why.items() if w},
+            }
+        )
+    return out
+
+
 def _why_unavailable(name: str, device: torch.device) -> str | None:
     """None if ``name`` can run on tensors of ``device``, else a reason."""
     if name == "torch":

@@ -26,6 +26,7 @@ def test_build_info_fields():
     assert info["triton"] == backends.triton_version()
     assert "torch" in info["backends"]
     assert set(info["backends"]) <= set(backends.BACKENDS)
+    assert len(info["gpus"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
 
 
 def test_cuda_compiled_when_required():
@@ -205,6 +206,20 @@ def test_gpu_backends_refuse_gpus_older_than_sm80(fake_gpu):
     with dwsep.use_backend("triton"):
         with pytest.raises(dwsep.BackendUnavailableError, match="need compute capability 8.0"):
             backends.resolve(CUDA0, "some_op", torch.float16)
+
+
+def test_build_info_reports_each_gpu(fake_gpu, monkeypatch):
+    """build_info()['gpus']: capability and why a GPU backend cannot run, per device."""
+    _needs_triton()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fake_gpu((7, 5))
+    (gpu,) = dwsep.build_info()["gpus"]
+    assert gpu["index"] == 0 and gpu["name"] == "Fake GPU" and gpu["capability"] == "7.5"
+    assert "triton" not in gpu["backends"] and "torch" in gpu["backends"]
+    assert "8.0 or newer" in gpu["unavailable"]["triton"]
+    fake_gpu((9, 0))
+    (gpu,) = dwsep.build_info()["gpus"]
+    assert "triton" in gpu["backends"] and "triton" not in gpu["unavailable"]
 
 
 def test_cuda_backend_needs_a_kernel_image_for_the_gpu(fake_gpu):
