@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from . import functional as DF
 from ._validation import activation_code
 
-__all__ = ["DepthwiseConvBNAct", "PointwiseConvBNAct"]
+__all__ = ["DepthwiseConvBNAct", "FusedSequential", "PointwiseConvBNAct", "fuse_conv_bn_act"]
 
 
 def _bn_forward_args(module: nn.Module, bn: nn.BatchNorm2d) -> dict:
@@ -181,3 +181,131 @@ class PointwiseConvBNAct(_ConvBNAct):
         return DF.pointwise_conv_bn_act(
             x, self.conv.weight, activation=self.activation, **_bn_forward_args(self, self.bn)
         )
+
+
+# --- Converting existing models ----------------------------------------------------------------
+
+_ACTIVATIONS = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"))
+
+
+def _fusable_kind(conv: nn.Module, bn: nn.Module) -> Optional[str]:
+    """ "depthwise" or "pointwise" when (conv, bn) is a pair the fused ops compute, else None."""
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+        return None
+    if (
+        conv.bias is not None
+        or conv.padding_mode != "zeros"
+        or bn.num_features != conv.out_channels
+    ):
+        return None
+    k, s, p, d = (tuple(v) for v in (conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+    c = conv.in_channels
+    if k == (3, 3) and p == (1, 1) and d == (1, 1) and s in ((1, 1), (2, 2)):
+        if conv.groups == c == conv.out_channels:
+            return "depthwise"
+    if k == (1, 1) and s == (1, 1) and p == (0, 0) and conv.groups == 1:
+        return "pointwise"
+    return None
+
+
+def _activation_of(module: Optional[nn.Module]) -> Optional[str]:
+    for cls, name in _ACTIVATIONS:
+        if type(module) is cls:
+            return name
+    return None
+
+
+def _plan(seq: nn.Sequential) -> list[tuple]:
+    """The steps of a Sequential: ("module", name) or ("fused", kind, conv, bn, act or None,
+    activation) for each Conv2d + BatchNorm2d (+ ReLU6 / ReLU) run the fused ops can compute."""
+    names = list(seq._modules)
+    steps: list[tuple] = []
+    i = 0
+    while i < len(names):
+        kind = None
+        if i + 1 < len(names):
+            kind = _fusable_kind(seq._modules[names[i]], seq._modules[names[i + 1]])
+        if kind is None:
+            steps.append(("module", names[i]))
+            i += 1
+            continue
+        act_name = names[i + 2] if i + 2 < len(names) else None
+        activation = _activation_of(seq._modules[act_name]) if act_name is not None else None
+        if activation is None:
+            act_name = None
+        steps.append(("fused", kind, names[i], names[i + 1], act_name, activation))
+        i += 3 if act_name is not None else 2
+    return steps
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose Conv2d + BatchNorm2d (+ ReLU6 / ReLU) runs execute as dwsep's
+    fused ops. Made by :func:`fuse_conv_bn_act` from an existing Sequential (or subclass, e.g.
+    torchvision's ``Conv2dNormActivation``): it keeps that module's children and attributes, so
+    the parameters are the same objects and ``state_dict`` keys are unchanged. BatchNorm follows
+    each ``bn`` module's own ``training`` flag, as ``nn.BatchNorm2d`` does. Forward hooks on the
+    fused children do not run (their modules are not called)."""
+
+    _dwsep_plan: list
+
+    def forward(self, x: Tensor) -> Tensor:
+        mods = self._modules
+        for step in self._dwsep_plan:
+            if step[0] == "module":
+                x = mods[step[1]](x)
+                continue
+            _, kind, conv_name, bn_name, _act_name, activation = step
+            conv, bn = mods[conv_name], mods[bn_name]
+            args = _bn_forward_args(bn, bn)
+            if kind == "depthwise":
+                x = DF.depthwise_conv_bn_act(
+                    x, conv.weight, stride=int(conv.stride[0]), activation=activation, **args
+                )
+            else:
+                x = DF.pointwise_conv_bn_act(x, conv.weight, activation=activation, **args)
+        return x
+
+    def extra_repr(self) -> str:
+        fused = [
+            f"{s[2]}+{s[3]}" + (f"+{s[4]}" if s[4] else "")
+            for s in self._dwsep_plan
+            if s[0] == "fused"
+        ]
+        return f"fused={fused}"
+
+
+def _fused_copy(seq: nn.Sequential, plan: list) -> FusedSequential:
+    new = FusedSequential.__new__(FusedSequential)
+    new.__dict__ = dict(seq.__dict__)  # same children, parameters, buffers, hooks and flags
+    new._dwsep_plan = plan
+    return new
+
+
+def fuse_conv_bn_act(model: nn.Module) -> nn.Module:
+    """Runs every depthwise 3x3 and pointwise 1x1 conv + BatchNorm (+ ReLU6 / ReLU) of ``model``
+    through dwsep's fused ops, in place, and returns the model.
+
+    It looks inside every ``nn.Sequential`` (and subclass, such as torchvision's
+    ``Conv2dNormActivation``) for consecutive ``Conv2d``, ``BatchNorm2d`` and optional ``ReLU6``
+    / ``ReLU`` children where the conv is depthwise 3x3 (padding 1, stride 1 or 2, no bias) or
+    1x1 (stride 1, no bias); such a Sequential is replaced by a :class:`FusedSequential` that
+    keeps its children, so parameters are shared and ``state_dict`` keys do not change (load
+    weights before or after). Everything else runs as before: e.g. torchvision's
+    ``mobilenet_v2`` gets all 51 of its depthwise (17) and pointwise (34) layers fused, its stem
+    conv and classifier unchanged. A model that is itself a matching Sequential is returned as a new
+    object.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_conv_bn_act: model must be an nn.Module, got {type(model).__name__}")
+
+    def convert(module: nn.Module) -> nn.Module:
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                module._modules[name] = convert(child)
+        if isinstance(module, nn.Sequential) and not isinstance(module, FusedSequential):
+            plan = _plan(module)
+            if any(step[0] == "fused" for step in plan):
+                return _fused_copy(module, plan)
+        return module
+
+    return convert(model)

@@ -1,0 +1,186 @@
+"""dwsep.nn.fuse_conv_bn_act: converting an existing model (torchvision's MobileNetV2, and
+hand-built Sequentials) to the fused ops. The converted model must compute what the original
+computes, in training (outputs, every gradient, running statistics) and in eval, keep its
+state_dict keys and share its parameters, and leave everything it cannot fuse alone."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from op_harness import backend_params
+from torch import nn
+
+import dwsep
+from dwsep.nn import FusedSequential, fuse_conv_bn_act
+
+CPU_KERNEL_BACKENDS = [p for p in backend_params(include_torch=True) if p.values[1] == "cpu"]
+
+
+def fused_steps(model: nn.Module) -> list[tuple]:
+    return [
+        s
+        for m in model.modules()
+        if isinstance(m, FusedSequential)
+        for s in m._dwsep_plan
+        if s[0] == "fused"
+    ]
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    """BN away from the identity so a wrong fold or a skipped BN shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+
+
+def small_sequential() -> nn.Sequential:
+    """Fusable runs next to ones that are not: a conv with a bias, a dilated depthwise conv, a
+    BN followed by Hardswish (fused without activation, Hardswish kept), a trailing pair."""
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, 2, 1, bias=False),  # 0 dense 3x3: not fusable
+        nn.BatchNorm2d(8),  # 1
+        nn.ReLU6(),  # 2
+        nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=False),  # 3 depthwise  \
+        nn.BatchNorm2d(8),  # 4                                      } fused, relu6
+        nn.ReLU6(),  # 5                                             /
+        nn.Conv2d(8, 12, 1, bias=False),  # 6 pointwise  \
+        nn.BatchNorm2d(12),  # 7                          } fused, no activation
+        nn.Hardswish(),  # 8 kept
+        nn.Conv2d(12, 12, 3, 1, 2, dilation=2, groups=12, bias=False),  # 9 dilated: not fusable
+        nn.BatchNorm2d(12),  # 10
+        nn.Conv2d(12, 12, 3, 2, 1, groups=12, bias=True),  # 11 bias: not fusable
+        nn.Conv2d(12, 6, 1, bias=False),  # 12 pointwise \
+        nn.BatchNorm2d(6),  # 13                          } fused, relu
+        nn.ReLU(),  # 14                                 /
+        nn.Conv2d(6, 6, 3, 2, 1, groups=6, bias=False),  # 15 depthwise, stride 2 \
+        nn.BatchNorm2d(6),  # 16                                                 } fused, none
+    )
+
+
+def test_plan_fuses_exactly_the_supported_runs():
+    model = fuse_conv_bn_act(small_sequential())
+    assert isinstance(model, FusedSequential)
+    got = [(s[1], s[2], s[3], s[4], s[5]) for s in fused_steps(model)]
+    assert got == [
+        ("depthwise", "3", "4", "5", "relu6"),
+        ("pointwise", "6", "7", None, None),
+        ("pointwise", "12", "13", "14", "relu"),
+        ("depthwise", "15", "16", None, None),
+    ]
+    kept = [s[1] for s in model._dwsep_plan if s[0] == "module"]
+    assert kept == ["0", "1", "2", "8", "9", "10", "11"]
+
+
+@pytest.mark.parametrize(("backend", "device"), CPU_KERNEL_BACKENDS)
+def test_sequential_matches_original_train_and_eval(backend, device):
+    """Three training steps then eval, float64: outputs, every gradient, running statistics."""
+    torch.manual_seed(0)
+    ref = small_sequential().double()
+    randomize_bn(ref)
+    model = fuse_conv_bn_act(copy.deepcopy(ref))
+    x = torch.randn(3, 4, 13, 11, dtype=torch.float64)
+    with dwsep.use_backend(backend):
+        for step in range(3):
+            xs = x + step
+            out, want = model(xs), ref(xs)
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+            (out.sin().sum()).backward()
+            (want.sin().sum()).backward()
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-9, msg=n)
+        for (n, b), c in zip(model.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-10, msg=n)
+        model.eval(), ref.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+def test_bn_follows_its_own_training_flag():
+    """Frozen BN (bn.eval() inside a model in training mode), a common fine-tuning setup."""
+    ref = small_sequential().double()
+    randomize_bn(ref)
+    ref.train()
+    for m in ref.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    model = fuse_conv_bn_act(copy.deepcopy(ref))
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+    for b, c in zip(model.buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c)  # running stats untouched on both sides
+
+
+def test_state_dict_parameters_and_pickling():
+    """Keys unchanged, parameters shared with the original modules, the converted model
+    pickles (torch.save of the whole model) and deep-copies."""
+    original = small_sequential()
+    randomize_bn(original)
+    keys = list(original.state_dict())
+    conv3 = original[3]
+    model = fuse_conv_bn_act(original)
+    assert list(model.state_dict()) == keys
+    assert model[3] is conv3  # the same child, so the same parameters
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 4, 9, 9)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        torch.testing.assert_close(copy.deepcopy(model)(x), model(x))
+    fresh = fuse_conv_bn_act(small_sequential())
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_idempotent_and_bad_input():
+    model = fuse_conv_bn_act(small_sequential())
+    steps = fused_steps(model)
+    assert fused_steps(fuse_conv_bn_act(model)) == steps
+    with pytest.raises(TypeError, match="model must be an nn.Module, got list"):
+        fuse_conv_bn_act([nn.Conv2d(1, 1, 1)])
+
+
+def test_torchvision_mobilenet_v2():
+    """torchvision's MobileNetV2 (random weights, BN randomized): all 17 depthwise and 34
+    pointwise layers fused, the stem conv and classifier untouched; same eval outputs and the
+    same training-step gradients as the original (float64, cpu backend)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    ref = torchvision.models.mobilenet_v2(width_mult=0.5).double()
+    randomize_bn(ref, seed=2)
+    keys = list(ref.state_dict())
+    model = fuse_conv_bn_act(copy.deepcopy(ref))
+    kinds = [s[1] for s in fused_steps(model)]
+    assert kinds.count("depthwise") == 17 and kinds.count("pointwise") == 34
+    assert list(model.state_dict()) == keys
+    assert type(model.features[0]) is not FusedSequential  # the stem: a dense 3x3 conv
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    model.train(), ref.train()
+    for m, seed in ((model, 5), (ref, 5)):  # the same dropout mask in the classifier
+        torch.manual_seed(seed)
+        m(x).sum().backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-9, msg=n)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+def test_fused_sequential_compiles():
+    model = fuse_conv_bn_act(small_sequential()).eval()
+    x = torch.randn(2, 4, 9, 9)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
