@@ -194,6 +194,32 @@ class ModelCase:
         return ("model", self.mode, self.dtype, self.layout)
 
 
+@dataclass(frozen=True)
+class ConvertCase:
+    """torchvision's MobileNetV2 as is ("eager") or converted by dwsep.nn.fuse_conv_bn_act
+    (run on a dwsep backend), inference."""
+
+    mode: str
+    dtype: torch.dtype
+    layout: str
+    impl: str
+
+    @property
+    def id(self) -> str:
+        return f"tv-mobilenetv2-{self.mode}-{R.dtype_name(self.dtype)}-{self.layout}-{self.impl}"
+
+    @property
+    def key(self) -> tuple:
+        return ("tv_mobilenet_v2", self.mode, self.dtype, self.layout)
+
+
+def convert_cases(s: Settings) -> list[ConvertCase]:
+    return [
+        ConvertCase("inference", s.dtypes[-1], s.layouts[-1], impl)
+        for impl in ["eager", *s.backends]
+    ]
+
+
 def _selected(layer, layers: list[str]) -> bool:
     if not layers:
         return True
@@ -233,6 +259,9 @@ def pytest_generate_tests(metafunc):
     if "model_case" in metafunc.fixturenames:
         cases = model_cases(s)
         metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])
+    if "convert_case" in metafunc.fixturenames:
+        cases = convert_cases(s)
+        metafunc.parametrize("convert_case", cases, ids=[c.id for c in cases])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -315,6 +344,28 @@ class BenchSession:
     def run_model(self, benchmark, case: ModelCase) -> None:
         try:
             self._run_model(benchmark, case)
+        finally:
+            _empty_cache(self.s.device)
+
+    def run_convert(self, benchmark, case: ConvertCase, setup) -> None:
+        """``setup(impl)`` -> (step function over input sets, nsets, cost, info); the eager
+        step's outputs are the check and the baseline."""
+        try:
+            _skip_unavailable(case.impl, self.s.device)
+            fn, nsets, cost, info = setup(case.impl)
+            eager, _, _, _ = setup("eager")
+            out = fn(0)
+            err = 0.0 if case.impl == "eager" else R.rel_error(out, R._detach(eager(0)))
+            del out
+            sec, tinfo = self._measure(benchmark, fn, nsets)
+            if case.impl == "eager" and sec is not None:
+                self.baselines[(*case.key, "eager")] = sec
+            base = self._time_baseline((*case.key, "eager"), lambda: eager, nsets)
+            info.update(tinfo)
+            if sec:
+                info["images_per_s"] = info["batch"] / sec
+            self._record(benchmark, case, cost, sec, info, base, err, nsets)
+            _check_output(case, err, slack=5.0)
         finally:
             _empty_cache(self.s.device)
 

@@ -1,0 +1,127 @@
+"""torchvision's MobileNetV2 converted by ``dwsep.nn.fuse_conv_bn_act`` (every depthwise 3x3
+and pointwise 1x1 conv + BN + ReLU6 on dwsep's fused ops) against the unconverted model, in
+inference: images/s, the speedup over the original measured in the same session, and the
+percent of a roofline floor counted like MobileNetV1's (a sequence of separately fused ops:
+each conv + BN + act reads its input and weights and writes its output once; the residual adds
+read two tensors and write one; the classifier reads the pooled features). Skips without
+torchvision."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import dwsep
+from dwsep import roofline as RL
+from dwsep.shapes import DepthwiseLayer, PointwiseLayer
+
+
+def mobilenet_v2_cost(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> RL.Cost:
+    """Inference floor of ``model`` (an unconverted torchvision MobileNetV2) on input ``x``."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    e, a = RL.element_size(dtype), RL.acc_size(dtype)
+    total = RL.ZERO
+    hooks = []
+
+    def on_conv(m, inp, out):
+        nonlocal total
+        n, c, h, w = inp[0].shape
+        k = m.kernel_size
+        if m.groups == c == m.out_channels and k == (3, 3):
+            total += RL.depthwise_cost(
+                DepthwiseLayer(0, n, c, h, w, m.stride[0]), "inference", dtype
+            )
+        elif k == (1, 1) and m.groups == 1:
+            total += RL.pointwise_cost(
+                PointwiseLayer(0, n, c, m.out_channels, h, w), "inference", dtype
+            )
+        else:  # the dense stem conv, counted as a fused conv + BN + act
+            y = out.numel()
+            flops = 2.0 * y * c * k[0] * k[1] // m.groups
+            total += RL._cost(
+                "store_z", "inference", inp[0].numel(), y, m.weight.numel(), m.out_channels, flops, e, a
+            )  # fmt: skip
+
+    def on_block(m, inp, out):
+        nonlocal total
+        if m.use_res_connect:
+            b = 3.0 * out.numel() * e
+            total += RL.Cost(0.0, b, b, b)
+
+    def on_linear(m, inp, out):
+        nonlocal total
+        b = float((inp[0].numel() + m.weight.numel() + out.numel()) * e)
+        total += RL.Cost(2.0 * out.numel() * m.in_features, b, b, b)
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(on_conv))
+        elif isinstance(m, InvertedResidual):
+            hooks.append(m.register_forward_hook(on_block))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(on_linear))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+@pytest.fixture(scope="module")
+def mobilenet_v2_setup(bench_session):
+    """(impl) -> (step, nsets, cost, info) for the session's device, dtype and layout; models
+    built once per (dtype, layout)."""
+    torchvision = pytest.importorskip("torchvision")
+    s = bench_session.s
+    built = {}
+
+    def setup(impl, dtype, layout):
+        key = (dtype, layout)
+        if key not in built:
+            torch.manual_seed(0)
+            ref = torchvision.models.mobilenet_v2().eval()
+            g = torch.Generator().manual_seed(1)
+            with torch.no_grad():  # BN away from the identity, as a trained model has
+                for m in ref.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                        m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            ref = ref.to(device=s.device, dtype=dtype, memory_format=fmt)
+            res, batch = s.model_resolution, s.model_batch
+            nsets = 2 if s.device.type == "cpu" else 4
+            images = [
+                torch.randn(batch, 3, res, res, device=s.device, dtype=dtype).contiguous(
+                    memory_format=fmt
+                )
+                for _ in range(nsets)
+            ]
+            cost = mobilenet_v2_cost(ref, images[0], dtype)
+            fused = dwsep.nn.fuse_conv_bn_act(copy.deepcopy(ref))
+            built[key] = (ref, fused, images, cost)
+        ref, fused, images, cost = built[key]
+        model = ref if impl == "eager" else fused
+
+        def step(i):
+            with torch.no_grad(), dwsep.use_backend("torch" if impl == "eager" else impl):
+                return model(images[i])
+
+        info = {"model": "torchvision mobilenet_v2", "resolution": s.model_resolution}
+        info["batch"] = s.model_batch
+        return step, len(images), cost, info
+
+    return setup
+
+
+def test_converted_mobilenet_v2(benchmark, bench_session, convert_case, mobilenet_v2_setup):
+    benchmark.group = "tv-mobilenetv2-inference"
+    case = convert_case
+    bench_session.run_convert(
+        benchmark, case, lambda impl: mobilenet_v2_setup(impl, case.dtype, case.layout)
+    )
