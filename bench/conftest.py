@@ -197,7 +197,7 @@ class ModelCase:
 @dataclass(frozen=True)
 class ConvertCase:
     """torchvision's MobileNetV2 as is ("eager") or converted by dwsep.nn.fuse_conv_bn_act
-    (run on a dwsep backend), inference."""
+    (run on a dwsep backend): inference, or a training step."""
 
     mode: str
     dtype: torch.dtype
@@ -215,7 +215,8 @@ class ConvertCase:
 
 def convert_cases(s: Settings) -> list[ConvertCase]:
     return [
-        ConvertCase("inference", s.dtypes[-1], s.layouts[-1], impl)
+        ConvertCase(mode, s.dtypes[-1], s.layouts[-1], impl)
+        for mode in R.MODEL_MODES
         for impl in ["eager", *s.backends]
     ]
 
@@ -348,8 +349,9 @@ class BenchSession:
             _empty_cache(self.s.device)
 
     def run_convert(self, benchmark, case: ConvertCase, setup) -> None:
-        """``setup(impl)`` -> (step function over input sets, nsets, cost, info); the eager
-        step's outputs are the check and the baseline."""
+        """``setup(impl)`` -> (step function over input sets, nsets, cost, info), a fresh
+        model copy for a training step; the eager step's first output (a training step: its
+        loss, from the same weights) is the check, its time the baseline."""
         try:
             _skip_unavailable(case.impl, self.s.device)
             fn, nsets, cost, info = setup(case.impl)

@@ -1,10 +1,11 @@
 """torchvision's MobileNetV2 converted by ``dwsep.nn.fuse_conv_bn_act`` (every depthwise 3x3
 and pointwise 1x1 conv + BN + ReLU6 on dwsep's fused ops) against the unconverted model, in
-inference: images/s, the speedup over the original measured in the same session, and the
-percent of a roofline floor counted like MobileNetV1's (a sequence of separately fused ops:
-each conv + BN + act reads its input and weights and writes its output once; the residual adds
-read two tensors and write one; the classifier reads the pooled features). Skips without
-torchvision."""
+inference and for a training step (forward, cross-entropy, backward, SGD step; the classifier's
+dropout set to 0 in both so the first steps' losses can be compared): images/s, the speedup
+over the original measured in the same session, and the percent of a roofline floor counted
+like MobileNetV1's (a sequence of separately fused ops: each conv + BN + act reads its input
+and weights and writes its output once; the residual adds read two tensors and write one; the
+classifier reads the pooled features). Skips without torchvision."""
 
 from __future__ import annotations
 
@@ -12,15 +13,20 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import dwsep
+from dwsep import report as R
 from dwsep import roofline as RL
 from dwsep.shapes import DepthwiseLayer, PointwiseLayer
 
 
-def mobilenet_v2_cost(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> RL.Cost:
-    """Inference floor of ``model`` (an unconverted torchvision MobileNetV2) on input ``x``."""
+def mobilenet_v2_cost(
+    model: nn.Module, x: torch.Tensor, dtype: torch.dtype, mode: str = "inference"
+) -> RL.Cost:
+    """The floor of ``model`` (an unconverted torchvision MobileNetV2) on input ``x``, in
+    inference or (``fwd_bwd``) a forward and backward."""
     from torchvision.models.mobilenetv2 import InvertedResidual
 
     e, a = RL.element_size(dtype), RL.acc_size(dtype)
@@ -32,30 +38,31 @@ def mobilenet_v2_cost(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> 
         n, c, h, w = inp[0].shape
         k = m.kernel_size
         if m.groups == c == m.out_channels and k == (3, 3):
-            total += RL.depthwise_cost(
-                DepthwiseLayer(0, n, c, h, w, m.stride[0]), "inference", dtype
-            )
+            total += RL.depthwise_cost(DepthwiseLayer(0, n, c, h, w, m.stride[0]), mode, dtype)
         elif k == (1, 1) and m.groups == 1:
-            total += RL.pointwise_cost(
-                PointwiseLayer(0, n, c, m.out_channels, h, w), "inference", dtype
-            )
+            total += RL.pointwise_cost(PointwiseLayer(0, n, c, m.out_channels, h, w), mode, dtype)
         else:  # the dense stem conv, counted as a fused conv + BN + act
             y = out.numel()
             flops = 2.0 * y * c * k[0] * k[1] // m.groups
             total += RL._cost(
-                "store_z", "inference", inp[0].numel(), y, m.weight.numel(), m.out_channels, flops, e, a
+                "store_z", mode, inp[0].numel(), y, m.weight.numel(), m.out_channels, flops, e, a
             )  # fmt: skip
+
+    train = mode == "fwd_bwd"
 
     def on_block(m, inp, out):
         nonlocal total
-        if m.use_res_connect:
+        if m.use_res_connect:  # backward: the gradient passes to both inputs as is
             b = 3.0 * out.numel() * e
             total += RL.Cost(0.0, b, b, b)
 
     def on_linear(m, inp, out):
         nonlocal total
-        b = float((inp[0].numel() + m.weight.numel() + out.numel()) * e)
-        total += RL.Cost(2.0 * out.numel() * m.in_features, b, b, b)
+        act, fc, logits = inp[0].numel(), m.weight.numel() + m.out_features, out.numel()
+        # backward: read grad_logits and W, write grad_act; read grad_logits and act, write grad_W
+        elems = act + fc + logits + ((logits + fc + act) + (logits + act + fc) if train else 0)
+        b = float(elems * e)
+        total += RL.Cost((3.0 if train else 1.0) * 2.0 * logits * m.in_features, b, b, b)
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -81,11 +88,11 @@ def mobilenet_v2_setup(bench_session):
     s = bench_session.s
     built = {}
 
-    def setup(impl, dtype, layout):
+    def setup(impl, dtype, layout, mode):
         key = (dtype, layout)
         if key not in built:
             torch.manual_seed(0)
-            ref = torchvision.models.mobilenet_v2().eval()
+            ref = torchvision.models.mobilenet_v2(dropout=0.0).eval()
             g = torch.Generator().manual_seed(1)
             with torch.no_grad():  # BN away from the identity, as a trained model has
                 for m in ref.modules():
@@ -102,26 +109,45 @@ def mobilenet_v2_setup(bench_session):
                 )
                 for _ in range(nsets)
             ]
-            cost = mobilenet_v2_cost(ref, images[0], dtype)
+            labels = [
+                torch.randint(0, 1000, (batch,), generator=g).to(s.device) for _ in range(nsets)
+            ]
+            costs = {
+                m: mobilenet_v2_cost(ref, images[0], dtype, "inference" if m == "inference" else "fwd_bwd")
+                for m in R.MODEL_MODES
+            }  # fmt: skip
             fused = dwsep.nn.fuse_conv_bn_act(copy.deepcopy(ref))
-            built[key] = (ref, fused, images, cost)
-        ref, fused, images, cost = built[key]
+            built[key] = (ref, fused, images, labels, costs)
+        ref, fused, images, labels, costs = built[key]
         model = ref if impl == "eager" else fused
+        backend = "torch" if impl == "eager" else impl  # eager: the original runs no dwsep op
+        if mode == "inference":
 
-        def step(i):
-            with torch.no_grad(), dwsep.use_backend("torch" if impl == "eager" else impl):
-                return model(images[i])
+            def step(i):
+                with torch.no_grad(), dwsep.use_backend(backend):
+                    return model(images[i])
+        else:
+            model = copy.deepcopy(model).train()  # every setup starts from the same weights
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-        info = {"model": "torchvision mobilenet_v2", "resolution": s.model_resolution}
-        info["batch"] = s.model_batch
-        return step, len(images), cost, info
+            def step(i):
+                with dwsep.use_backend(backend):
+                    loss = F.cross_entropy(model(images[i]).float(), labels[i])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                return loss.detach()
+
+        info = {"model": "torchvision mobilenet_v2 (dropout 0)", "batch": s.model_batch}
+        info["resolution"] = s.model_resolution
+        return step, len(images), costs[mode], info
 
     return setup
 
 
 def test_converted_mobilenet_v2(benchmark, bench_session, convert_case, mobilenet_v2_setup):
-    benchmark.group = "tv-mobilenetv2-inference"
     case = convert_case
+    benchmark.group = f"tv-mobilenetv2-{case.mode}"
     bench_session.run_convert(
-        benchmark, case, lambda impl: mobilenet_v2_setup(impl, case.dtype, case.layout)
+        benchmark, case, lambda impl: mobilenet_v2_setup(impl, case.dtype, case.layout, case.mode)
     )
