@@ -196,8 +196,9 @@ class ModelCase:
 
 @dataclass(frozen=True)
 class ConvertCase:
-    """torchvision's MobileNetV2 as is ("eager") or converted by dwsep.nn.fuse_conv_bn_act
-    (run on a dwsep backend): inference, or a training step."""
+    """torchvision's MobileNetV2 as is ("eager"), converted by dwsep.nn.fuse_conv_bn_act (run on
+    a dwsep backend) or frozen by dwsep.nn.freeze ("<backend>+frozen", inference): inference,
+    or a training step."""
 
     mode: str
     dtype: torch.dtype
@@ -214,11 +215,13 @@ class ConvertCase:
 
 
 def convert_cases(s: Settings) -> list[ConvertCase]:
-    return [
-        ConvertCase(mode, s.dtypes[-1], s.layouts[-1], impl)
-        for mode in R.MODEL_MODES
-        for impl in ["eager", *s.backends]
-    ]
+    cases = []
+    for mode in R.MODEL_MODES:
+        impls = ["eager", *s.backends]
+        if mode == "inference":  # dwsep.nn.freeze(): BN folded once, one launch per layer
+            impls += [f"{b}{R.FROZEN_SUFFIX}" for b in s.backends]
+        cases += [ConvertCase(mode, s.dtypes[-1], s.layouts[-1], impl) for impl in impls]
+    return cases
 
 
 def _selected(layer, layers: list[str]) -> bool:

@@ -1,6 +1,6 @@
 """torchvision's MobileNetV2 converted by ``dwsep.nn.fuse_conv_bn_act`` (every depthwise 3x3
-and pointwise 1x1 conv + BN + ReLU6 on dwsep's fused ops) against the unconverted model, in
-inference and for a training step (forward, cross-entropy, backward, SGD step; the classifier's
+and pointwise 1x1 conv + BN + ReLU6 on dwsep's fused ops), and frozen by ``dwsep.nn.freeze``
+(inference), against the unconverted model, in inference and for a training step (forward, cross-entropy, backward, SGD step; the classifier's
 dropout set to 0 in both so the first steps' losses can be compared): images/s, the speedup
 over the original measured in the same session, and the percent of a roofline floor counted
 like MobileNetV1's (a sequence of separately fused ops: each conv + BN + act reads its input
@@ -117,10 +117,11 @@ def mobilenet_v2_setup(bench_session):
                 for m in R.MODEL_MODES
             }  # fmt: skip
             fused = dwsep.nn.fuse_conv_bn_act(copy.deepcopy(ref))
-            built[key] = (ref, fused, images, labels, costs)
-        ref, fused, images, labels, costs = built[key]
-        model = ref if impl == "eager" else fused
-        backend = "torch" if impl == "eager" else impl  # eager: the original runs no dwsep op
+            built[key] = (ref, fused, dwsep.nn.freeze(ref), images, labels, costs)
+        ref, fused, frozen, images, labels, costs = built[key]
+        model = ref if impl == "eager" else frozen if impl.endswith(R.FROZEN_SUFFIX) else fused
+        # eager: the original runs no dwsep op
+        backend = "torch" if impl == "eager" else R.model_impl_base(impl)
         if mode == "inference":
 
             def step(i):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -10,8 +12,15 @@ from torch import Tensor, nn
 
 from . import functional as DF
 from ._validation import activation_code
+from .frozen import FrozenConvAct
 
-__all__ = ["DepthwiseConvBNAct", "FusedSequential", "PointwiseConvBNAct", "fuse_conv_bn_act"]
+__all__ = [
+    "DepthwiseConvBNAct",
+    "FusedSequential",
+    "PointwiseConvBNAct",
+    "freeze",
+    "fuse_conv_bn_act",
+]
 
 
 def _bn_forward_args(module: nn.Module, bn: nn.BatchNorm2d) -> dict:
@@ -309,3 +318,43 @@ def fuse_conv_bn_act(model: nn.Module) -> nn.Module:
         return module
 
     return convert(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """An inference-only copy of ``model`` with every fusable conv + BN (+ act) folded once.
+
+    The copy is converted as :func:`fuse_conv_bn_act` does (the original is left as it is),
+    then each fused run, and each :class:`DepthwiseConvBNAct` / :class:`PointwiseConvBNAct`,
+    becomes one ``FrozenConvAct``: the conv weight and the BN folded into a per-channel scale
+    and shift, as buffers, so a forward is one kernel launch per layer with no per-call BN
+    folding or checks (what :meth:`dwsep.MobileNetV1.freeze` does for that model). Same outputs
+    as the converted model in eval on the same backend. The frozen layers are a snapshot:
+    training or loading weights into the original does not change them, and their
+    ``state_dict`` keys differ from the original's (``<conv name>.weight``, ``.scale``,
+    ``.shift``). BatchNorms without running statistics cannot be folded (ValueError).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze: model must be an nn.Module, got {type(model).__name__}")
+    frozen = fuse_conv_bn_act(copy.deepcopy(model))
+
+    def convert(module: nn.Module) -> nn.Module:
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                module._modules[name] = convert(child)
+        if isinstance(module, (DepthwiseConvBNAct, PointwiseConvBNAct)):
+            kind = "dw" if isinstance(module, DepthwiseConvBNAct) else "pw"
+            return FrozenConvAct(kind, module.conv, module.bn, module.activation)
+        if isinstance(module, FusedSequential):
+            mods, steps = module._modules, OrderedDict()
+            for step in module._dwsep_plan:
+                if step[0] == "module":
+                    steps[step[1]] = mods[step[1]]
+                    continue
+                _, kind, conv, bn, _act, activation = step
+                steps[conv] = FrozenConvAct(
+                    "dw" if kind == "depthwise" else "pw", mods[conv], mods[bn], activation
+                )
+            return nn.Sequential(steps)
+        return module
+
+    return convert(frozen).eval()

@@ -184,3 +184,65 @@ def test_fused_sequential_compiles():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize(("backend", "device"), CPU_KERNEL_BACKENDS)
+def test_freeze_matches_converted_model_in_eval(backend, device):
+    """dwsep.nn.freeze: BN folded once per layer (FrozenConvAct), the same outputs as the
+    converted model in eval on the same backend, x-gradients through PyTorch ops, a snapshot
+    of the weights, the original untouched; dwsep.nn modules are frozen too."""
+    torch.manual_seed(0)
+    original = nn.Sequential(
+        small_sequential(),
+        dwsep.nn.DepthwiseConvBNAct(6, stride=1, activation="relu"),
+        dwsep.nn.PointwiseConvBNAct(6, 5, activation=None),
+    ).double()
+    randomize_bn(original)
+    converted = fuse_conv_bn_act(copy.deepcopy(original)).eval()
+    frozen = dwsep.nn.freeze(original)
+    assert not frozen.training and original.training  # the original is not converted
+    assert not fused_steps(original)
+    n_frozen = sum(isinstance(m, dwsep.frozen.FrozenConvAct) for m in frozen.modules())
+    assert n_frozen == len(fused_steps(converted)) + 2
+    x = torch.randn(2, 4, 13, 11, dtype=torch.float64)
+    with dwsep.use_backend(backend), torch.no_grad():
+        torch.testing.assert_close(frozen(x), converted(x), rtol=1e-12, atol=1e-12)
+    xg = x.clone().requires_grad_()
+    xr = x.clone().requires_grad_()
+    with dwsep.use_backend(backend):
+        frozen(xg).sin().sum().backward()
+        converted(xr).sin().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-9, atol=1e-10)
+    with torch.no_grad():  # a snapshot: later changes to the original do not reach it
+        before = frozen(x)
+        for p in original.parameters():
+            p.add_(1.0)
+        torch.testing.assert_close(frozen(x), before)
+
+
+def test_freeze_refuses_bn_without_running_stats():
+    seq = nn.Sequential(
+        nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4, track_running_stats=False)
+    )
+    with pytest.raises(ValueError, match="without running statistics"):
+        dwsep.nn.freeze(seq)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        dwsep.nn.freeze("model")
+
+
+def test_freeze_torchvision_mobilenet_v2_compiles():
+    """The frozen MobileNetV2: all 51 layers folded, same eval outputs as the converted model,
+    and it traces whole under torch.compile(fullgraph=True)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(1)
+    model = torchvision.models.mobilenet_v2(width_mult=0.35)
+    randomize_bn(model, seed=3)
+    converted = fuse_conv_bn_act(copy.deepcopy(model)).eval()
+    frozen = dwsep.nn.freeze(model)
+    assert sum(isinstance(m, dwsep.frozen.FrozenConvAct) for m in frozen.modules()) == 51
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        want = converted(x)
+        torch.testing.assert_close(frozen(x), want, rtol=1e-6, atol=1e-7)
+        compiled = torch.compile(frozen, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), want, rtol=1e-6, atol=1e-7)

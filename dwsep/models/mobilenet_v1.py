@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import backends, ops
 from .._validation import memory_format
-from ..functional import _autocast
+from ..frozen import FrozenConvAct, bn_fold
 from ..nn import DepthwiseConvBNAct, PointwiseConvBNAct
 from ..shapes import BLOCKS, STAGE_SIZES, STEM_CHANNELS, channels, conv_out, mobilenet_v1_layers
 
@@ -402,7 +402,7 @@ class MobileNetV1(_MobileNetV1Base):
         backend = backends.resolve(x.device, "bn_act", x.dtype)
         if backend == "torch":
             return F.relu6(bn(x), inplace=True)
-        scale, shift = _bn_fold(bn, ops.acc_dtype(x.dtype))
+        scale, shift = bn_fold(bn, ops.acc_dtype(x.dtype))
         x = x.contiguous(memory_format=memory_format(x))
         return ops.op_table(backend).bn_act(x, scale, shift, 2)
 
@@ -500,56 +500,6 @@ class FoldedMobileNetV1(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def _bn_fold(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
-    """BN in inference as the per-channel (scale, shift) of the fused kernels, computed by the
-    fused ops' own eval-path functions (so that frozen and eval feed the kernels equal values)."""
-    mean, invstd = ops._stats(False, None, None, bn.running_mean, bn.running_var, bn.eps, acc)
-    scale, shift = ops._bn_affine(mean, invstd, bn.weight, bn.bias, acc)
-    return scale.contiguous(), shift.contiguous()
-
-
-class _FrozenConvAct(nn.Module):
-    """One conv + folded BN + ReLU6 of :class:`FrozenMobileNetV1`: ``kind`` is ``"dw"`` (the
-    fused depthwise kernel), ``"pw"`` (the fused pointwise GEMM) or ``"stem"`` (the conv, then
-    the fused scale/shift/ReLU6 kernel). Under autograd (x requiring grad) or on the ``torch``
-    backend it runs the same math in PyTorch ops, differentiable with respect to x."""
-
-    def __init__(self, kind: str, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-        super().__init__()
-        self.kind = kind
-        self.stride = int(conv.stride[0])
-        w = conv.weight.detach()
-        scale, shift = _bn_fold(bn, ops.acc_dtype(w.dtype))
-        self.register_buffer("weight", (w.flatten(1) if kind == "pw" else w).clone())
-        self.register_buffer("scale", scale.detach())  # fresh tensors from _bn_fold
-        self.register_buffer("shift", shift.detach())
-
-    def forward(self, x: Tensor) -> Tensor:
-        x, w = _autocast(x, self.weight)  # as the fused ops and F.conv2d do under autocast
-        acc = ops.acc_dtype(x.dtype)
-        scale, shift = ops._as(self.scale, acc), ops._as(self.shift, acc)
-        if self.kind == "stem":
-            x = F.conv2d(x, w, None, self.stride, 1)
-        backend = backends.resolve(x.device, "MobileNetV1 (frozen)", x.dtype)
-        if backend != "torch" and not (torch.is_grad_enabled() and x.requires_grad):
-            table = ops.op_table(backend)
-            x = x.contiguous(memory_format=memory_format(x))
-            if self.kind == "dw":
-                return table.dw_fwd(x, w, scale, shift, self.stride, 2)
-            if self.kind == "pw":
-                return table.pw_fwd(x, w, scale, shift, 2)
-            return table.bn_act(x, scale, shift, 2)
-        if self.kind == "dw":
-            x = F.conv2d(x, w, None, self.stride, 1, 1, x.shape[1])
-        elif self.kind == "pw":
-            x = F.conv2d(x, w[:, :, None, None])
-        z = x.to(acc) * scale[:, None, None] + shift[:, None, None]
-        return F.relu6(z).to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, stride={self.stride}, weight={tuple(self.weight.shape)}"
-
-
 class FrozenMobileNetV1(nn.Module):
     """Inference-only MobileNetV1 on dwsep's fused kernels with the BatchNorms folded once
     (from :meth:`MobileNetV1.freeze`): one kernel launch per depthwise and pointwise layer.
@@ -569,14 +519,14 @@ class FrozenMobileNetV1(nn.Module):
         self.features_only = model.features_only
         self.out_indices = model.out_indices
         self.feature_info = copy.deepcopy(model.feature_info)
-        self.stem = _FrozenConvAct("stem", model.conv_stem, model.bn1)
+        self.stem = FrozenConvAct("stem", model.conv_stem, model.bn1)
         self.blocks = nn.Sequential(
             *(
                 nn.Sequential(
                     *(
                         nn.Sequential(
-                            _FrozenConvAct("dw", b.conv_dw, b.bn1),
-                            _FrozenConvAct("pw", b.conv_pw, b.bn2),
+                            FrozenConvAct("dw", b.conv_dw, b.bn1),
+                            FrozenConvAct("pw", b.conv_pw, b.bn2),
                         )
                         for b in stage
                     )
