@@ -257,6 +257,12 @@ class FusedSequential(nn.Sequential):
 
     _dwsep_plan: list
 
+    def __init__(self, *args) -> None:
+        """Like ``nn.Sequential(*args)``, with the fusable runs among ``args`` fused (the plan is
+        made here: modules added later run unfused)."""
+        super().__init__(*args)
+        self._dwsep_plan = _plan(self)
+
     def forward(self, x: Tensor) -> Tensor:
         mods = self._modules
         for step in self._dwsep_plan:

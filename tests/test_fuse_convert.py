@@ -144,6 +144,16 @@ def test_state_dict_parameters_and_pickling():
         torch.testing.assert_close(fresh(x), model(x))
 
 
+def test_fused_sequential_built_directly():
+    seq = small_sequential()
+    direct = FusedSequential(*seq)
+    assert fused_steps(direct) == fused_steps(fuse_conv_bn_act(copy.deepcopy(seq)))
+    x = torch.randn(2, 4, 9, 9)
+    seq.eval(), direct.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(direct(x), seq(x), rtol=1e-5, atol=1e-6)
+
+
 def test_idempotent_and_bad_input():
     model = fuse_conv_bn_act(small_sequential())
     steps = fused_steps(model)
