@@ -256,16 +256,29 @@ class FusedSequential(nn.Sequential):
     fused children do not run (their modules are not called)."""
 
     _dwsep_plan: list
+    _dwsep_children: tuple = ()
 
     def __init__(self, *args) -> None:
-        """Like ``nn.Sequential(*args)``, with the fusable runs among ``args`` fused (the plan is
-        made here: modules added later run unfused)."""
+        """Like ``nn.Sequential(*args)``, with the fusable runs among ``args`` fused."""
         super().__init__(*args)
+        self._set_plan()
+
+    def _set_plan(self) -> None:
         self._dwsep_plan = _plan(self)
+        self._dwsep_children = tuple(self._modules.values())
+
+    def _current_plan(self) -> list:
+        """The plan, made again if children were added, removed or replaced since (append,
+        insert, ``seq[i] = m``, ...), so that every child always runs."""
+        kids = tuple(self._modules.values())
+        made = self._dwsep_children
+        if len(kids) != len(made) or any(a is not b for a, b in zip(kids, made)):
+            self._set_plan()
+        return self._dwsep_plan
 
     def forward(self, x: Tensor) -> Tensor:
         mods = self._modules
-        for step in self._dwsep_plan:
+        for step in self._current_plan():
             if step[0] == "module":
                 x = mods[step[1]](x)
                 continue
@@ -293,6 +306,7 @@ def _fused_copy(seq: nn.Sequential, plan: list) -> FusedSequential:
     new = FusedSequential.__new__(FusedSequential)
     new.__dict__ = dict(seq.__dict__)  # same children, parameters, buffers, hooks and flags
     new._dwsep_plan = plan
+    new._dwsep_children = tuple(new._modules.values())
     return new
 
 

@@ -154,6 +154,26 @@ def test_fused_sequential_built_directly():
         torch.testing.assert_close(direct(x), seq(x), rtol=1e-5, atol=1e-6)
 
 
+def test_children_changed_after_conversion_still_run():
+    """append / replace / delete on a converted Sequential: the plan follows, nothing is
+    skipped or run stale."""
+    ref = small_sequential().eval()
+    model = fuse_conv_bn_act(copy.deepcopy(ref)).eval()
+    x = torch.randn(2, 4, 9, 9)
+    ref.append(nn.Hardtanh(-0.1, 0.1))
+    model.append(nn.Hardtanh(-0.1, 0.1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+    ref[14] = nn.Identity()  # the pointwise run 12-14 loses its ReLU
+    model[14] = nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+    assert ("pointwise", "12", "13", None, None) in [s[1:] for s in fused_steps(model)]
+    del ref[8], model[8]  # Hardswish gone
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
 def test_idempotent_and_bad_input():
     model = fuse_conv_bn_act(small_sequential())
     steps = fused_steps(model)
