@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import pytest
 import torch
@@ -180,38 +180,32 @@ class LayerCase:
 
 @dataclass(frozen=True)
 class ModelCase:
+    """A whole-model case: MobileNetV1 (dwsep's model vs the reference model)."""
+
     mode: str
     dtype: torch.dtype
     layout: str
     impl: str
+    MODEL: ClassVar[str] = "mobilenetv1"
+    KEY: ClassVar[str] = "model"
 
     @property
     def id(self) -> str:
-        return f"mobilenetv1-{self.mode}-{R.dtype_name(self.dtype)}-{self.layout}-{self.impl}"
+        return f"{self.MODEL}-{self.mode}-{R.dtype_name(self.dtype)}-{self.layout}-{self.impl}"
 
     @property
     def key(self) -> tuple:
-        return ("model", self.mode, self.dtype, self.layout)
+        return (self.KEY, self.mode, self.dtype, self.layout)
 
 
 @dataclass(frozen=True)
-class ConvertCase:
+class ConvertCase(ModelCase):
     """torchvision's MobileNetV2 as is ("eager"), converted by dwsep.nn.fuse_conv_bn_act (run on
     a dwsep backend) or frozen by dwsep.nn.freeze ("<backend>+frozen", inference): inference,
     or a training step."""
 
-    mode: str
-    dtype: torch.dtype
-    layout: str
-    impl: str
-
-    @property
-    def id(self) -> str:
-        return f"tv-mobilenetv2-{self.mode}-{R.dtype_name(self.dtype)}-{self.layout}-{self.impl}"
-
-    @property
-    def key(self) -> tuple:
-        return ("tv_mobilenet_v2", self.mode, self.dtype, self.layout)
+    MODEL: ClassVar[str] = "tv-mobilenetv2"
+    KEY: ClassVar[str] = "tv_mobilenet_v2"
 
 
 def convert_cases(s: Settings) -> list[ConvertCase]:
