@@ -44,6 +44,21 @@ def _bn_forward_args(module: nn.Module, bn: nn.BatchNorm2d) -> dict:
     }
 
 
+def _computes_like(module: nn.Module, base: type) -> bool:
+    """Whether ``module`` is a ``base`` whose forward is ``base``'s own and that has no forward
+    hooks: a subclass that changes what it computes (timm's ``BatchNormAct2d`` with its
+    activation inside, a weight-standardized or dynamically padded conv), or a module whose
+    hooks do work, must not be replaced by the fused math."""
+    if not isinstance(module, base):
+        return False
+    if module._forward_pre_hooks or module._forward_hooks:
+        return False  # e.g. spectral_norm's weight update: the fused op would skip the hooks
+    cls = type(module)
+    return cls.forward is base.forward and all(
+        getattr(cls, name, None) is getattr(base, name, None) for name in ("_conv_forward",)
+    )
+
+
 class _ConvBNAct(nn.Module):
     conv: nn.Conv2d
     bn: nn.BatchNorm2d
@@ -66,6 +81,12 @@ class _ConvBNAct(nn.Module):
             raise TypeError(
                 f"{cls_name}.from_modules: bn must be nn.BatchNorm2d, got {type(bn).__name__}"
             )
+        for what, m, base in (("conv", conv, nn.Conv2d), ("bn", bn, nn.BatchNorm2d)):
+            if not _computes_like(m, base):
+                raise TypeError(
+                    f"{cls_name}.from_modules: {what} must compute what {base.__name__} computes "
+                    f"(its own forward, no forward hooks), got a {type(m).__name__} that does not"
+                )
         if conv.bias is not None:
             raise ValueError(
                 f"{cls_name}.from_modules: conv must have bias=False (BN follows it), got a bias"
@@ -199,7 +220,7 @@ _ACTIVATIONS = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"))
 
 def _fusable_kind(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     """ "depthwise" or "pointwise" when (conv, bn) is a pair the fused ops compute, else None."""
-    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+    if not (_computes_like(conv, nn.Conv2d) and _computes_like(bn, nn.BatchNorm2d)):
         return None
     if (
         conv.bias is not None
@@ -252,8 +273,10 @@ class FusedSequential(nn.Sequential):
     fused ops. Made by :func:`fuse_conv_bn_act` from an existing Sequential (or subclass, e.g.
     torchvision's ``Conv2dNormActivation``): it keeps that module's children and attributes, so
     the parameters are the same objects and ``state_dict`` keys are unchanged. BatchNorm follows
-    each ``bn`` module's own ``training`` flag, as ``nn.BatchNorm2d`` does. Forward hooks on the
-    fused children do not run (their modules are not called)."""
+    each ``bn`` module's own ``training`` flag, as ``nn.BatchNorm2d`` does. Children that
+    compute differently from ``nn.Conv2d`` / ``nn.BatchNorm2d`` (a subclass with its own
+    forward) or carry forward hooks are not fused. A hook registered on a fused child after
+    conversion does not run."""
 
     _dwsep_plan: list
     _dwsep_children: tuple = ()

@@ -174,6 +174,60 @@ def test_children_changed_after_conversion_still_run():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
+class _StandardizedConv(nn.Conv2d):
+    """A conv that computes something else than nn.Conv2d (weight standardization, as timm's
+    StdConv2d): fusing it would silently drop that."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class _BatchNormWithActivation(nn.BatchNorm2d):
+    """A BatchNorm2d with an activation inside (as timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_subclasses_that_compute_differently_are_not_fused():
+    seq = nn.Sequential(
+        _StandardizedConv(4, 4, 1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU6(),
+        nn.Conv2d(4, 4, 3, 1, 1, groups=4, bias=False),
+        _BatchNormWithActivation(4),
+    )
+    randomize_bn(seq)
+    ref = copy.deepcopy(seq).eval()
+    model = fuse_conv_bn_act(seq).eval()
+    assert fused_steps(model) == []
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x))
+    with pytest.raises(TypeError, match="conv must compute what Conv2d computes"):
+        dwsep.nn.PointwiseConvBNAct.from_modules(seq[0], seq[1])
+    with pytest.raises(TypeError, match="bn must compute what BatchNorm2d computes"):
+        dwsep.nn.DepthwiseConvBNAct.from_modules(seq[3], seq[4])
+
+
+def test_children_with_forward_hooks_are_not_fused():
+    """A hook does work the fused op would skip (spectral_norm updates the weight in a
+    pre-hook): such a pair stays unfused, and its hooks run."""
+    calls = []
+    seq = small_sequential()
+    seq[6].register_forward_pre_hook(lambda m, inp: calls.append("pre"))
+    seq[16].register_forward_hook(lambda m, inp, out: calls.append("post"))
+    model = fuse_conv_bn_act(seq).eval()
+    assert [s[2] for s in fused_steps(model)] == ["3", "12"]
+    with torch.no_grad():
+        model(torch.randn(2, 4, 9, 9))
+    assert calls == ["pre", "post"]
+    with pytest.raises(TypeError, match="no forward hooks"):
+        dwsep.nn.PointwiseConvBNAct.from_modules(seq[6], seq[7])
+
+
 def test_idempotent_and_bad_input():
     model = fuse_conv_bn_act(small_sequential())
     steps = fused_steps(model)
