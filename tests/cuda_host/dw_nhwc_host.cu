@@ -221,53 +221,6 @@ int run_pack16(const std::string& dir, int64_t count) {
   return rc;
 }
 
-// pwtile (pointwise_tile.cuh, the GEMM's operand tile loads): every thread of one block runs
-// load_tile<T, R, CPR, NT, W> (W = 17: kFullChunks, the predicated 16-byte copies) for a tile with
-// rows_left rows of cols_left elements at stride ld (an exact allocation, so a read past the last
-// valid element stops the run); the shared tile, pre-filled with 0xff bytes, must then hold those
-// elements, zeros elsewhere in its R x CPR*V extent, and the 0xff pattern in its row padding. The
-// values are distinct finite bit patterns; the comparison is bitwise. Returns 1 with the first
-// mismatch.
-template <typename T, int R, int CPR, int NT, int W>
-int check_tile(int rows_left, int cols_left, int64_t ld) {
-  constexpr int V = 16 / sizeof(T);
-  constexpr int COLS = CPR * V;
-  const int pitch = COLS + V;
-  const size_t gcount =
-      rows_left > 0 ? static_cast<size_t>((rows_left - 1) * ld + cols_left) : size_t{0};
-  T* g = static_cast<T*>(std::malloc(gcount > 0 ? gcount * sizeof(T) : 16));
-  for (size_t i = 0; i < gcount; ++i) {
-    if constexpr (sizeof(T) == 2) {
-      const uint16_t bits = static_cast<uint16_t>(i % 30000 + 1);  // finite for fp16 and bf16
-      std::memcpy(g + i, &bits, 2);
-    } else {
-      g[i] = static_cast<T>(i + 1);
-    }
-  }
-  T* s = nan_filled<T>(static_cast<size_t>(R) * pitch);
-  for (int tid = 0; tid < NT; ++tid)
-    dwsep::cuda::load_tile<T, R, CPR, NT, W>(s, pitch, g, ld, rows_left, cols_left, tid);
-  const T zero = dwsep::cuda::zero_value<T>();
-  unsigned char ff[sizeof(T)];
-  std::memset(ff, 0xff, sizeof(T));
-  int bad = 0;
-  for (int r = 0; r < R && bad == 0; ++r) {
-    for (int c = 0; c < pitch; ++c) {
-      const void* want = c >= COLS                        ? static_cast<const void*>(ff)
-                         : r < rows_left && c < cols_left ? static_cast<const void*>(g + r * ld + c)
-                                                          : static_cast<const void*>(&zero);
-      if (std::memcmp(s + r * pitch + c, want, sizeof(T)) != 0) {
-        std::fprintf(stderr, "pwtile: shared element (%d, %d) wrong\n", r, c);
-        bad = 1;
-        break;
-      }
-    }
-  }
-  std::free(g);
-  std::free(s);
-  return bad;
-}
-
 // A deterministic distinct finite value for element i of an operand.
 template <typename T>
 T test_value(size_t i) {
@@ -300,7 +253,7 @@ struct HostOperand {
 // Checks one shared tile (R rows of COLS elements, pitch COLS + V, pre-filled with 0xff) against
 // want(r, c): a pointer to the expected element, or nullptr where the tile must hold zero.
 template <typename T, int R, int COLS, class Want>
-int compare_tile(const T* s, const char* what, int64_t kt, Want want) {
+int compare_tile(const T* s, const std::string& what, Want want) {
   constexpr int V = 16 / sizeof(T);
   const T zero = dwsep::cuda::zero_value<T>();
   unsigned char ff[sizeof(T)];
@@ -312,12 +265,34 @@ int compare_tile(const T* s, const char* what, int64_t kt, Want want) {
                            : w       ? static_cast<const void*>(w)
                                      : static_cast<const void*>(&zero);
       if (std::memcmp(s + r * (COLS + V) + c, expect, sizeof(T)) != 0) {
-        std::fprintf(stderr, "pwwalk: k-tile %lld, %s tile element (%d, %d) wrong\n",
-                     static_cast<long long>(kt), what, r, c);
+        std::fprintf(stderr, "%s: shared element (%d, %d) wrong\n", what.c_str(), r, c);
         return 1;
       }
     }
   return 0;
+}
+
+// pwtile (pointwise_tile.cuh, the GEMM's operand tile loads): every thread of one block runs
+// load_tile<T, R, CPR, NT, W> (W = 17: kFullChunks, the predicated 16-byte copies) for a tile with
+// rows_left rows of cols_left elements at stride ld (an exact allocation, so a read past the last
+// valid element stops the run); the shared tile, pre-filled with 0xff bytes, must then hold those
+// elements, zeros elsewhere in its R x CPR*V extent, and the 0xff pattern in its row padding. The
+// values are distinct finite bit patterns; the comparison is bitwise. Returns 1 with the first
+// mismatch.
+template <typename T, int R, int CPR, int NT, int W>
+int check_tile(int rows_left, int cols_left, int64_t ld) {
+  constexpr int V = 16 / sizeof(T);
+  constexpr int COLS = CPR * V;
+  const int pitch = COLS + V;
+  HostOperand<T> g(1, 0, rows_left, ld, cols_left);
+  T* s = nan_filled<T>(static_cast<size_t>(R) * pitch);
+  for (int tid = 0; tid < NT; ++tid)
+    dwsep::cuda::load_tile<T, R, CPR, NT, W>(s, pitch, g.p, ld, rows_left, cols_left, tid);
+  const int bad = compare_tile<T, R, COLS>(s, "pwtile", [&](int r, int c) -> const T* {
+    return r < rows_left && c < cols_left ? g.p + r * ld + c : nullptr;
+  });
+  std::free(s);
+  return bad;
 }
 
 // pwwalk (pointwise_tile.cuh: OperandStream + KWalk, the GEMM's k-loop loads): every thread of
@@ -367,14 +342,15 @@ int check_walk(int64_t M, int64_t N, int64_t K, int64_t nb, int64_t lda, int64_t
     }
     if (bad) break;
     // A(m, k) of batch bi; the tile's row r and column c are (m, k) or (k, m).
-    bad = compare_tile<T, AR, ACOLS>(sa, "A", kt, [&](int r, int c) -> const T* {
+    const std::string at = "pwwalk: k-tile " + std::to_string(kt) + ", ";
+    bad = compare_tile<T, AR, ACOLS>(sa, at + "A", [&](int r, int c) -> const T* {
       const int m = AK ? r : c, k = AK ? c : r;
       if (m >= mv || k >= kv) return nullptr;
       const int64_t gm = m0 + m, gk = k0 + k;
       return a.p + bi * batch_a + (AK ? gm * lda + gk : gk * lda + gm);
     });
     if (bad == 0)
-      bad = compare_tile<T, BR, BCOLS>(sb, "B", kt, [&](int r, int c) -> const T* {
+      bad = compare_tile<T, BR, BCOLS>(sb, at + "B", [&](int r, int c) -> const T* {
         const int n = BKM ? r : c, k = BKM ? c : r;
         if (n >= nv || k >= kv) return nullptr;
         const int64_t gn = n0 + n, gk = k0 + k;
