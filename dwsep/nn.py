@@ -54,8 +54,8 @@ def _computes_like(module: nn.Module, base: type) -> bool:
     if module._forward_pre_hooks or module._forward_hooks:
         return False  # e.g. spectral_norm's weight update: the fused op would skip the hooks
     cls = type(module)
-    return cls.forward is base.forward and all(
-        getattr(cls, name, None) is getattr(base, name, None) for name in ("_conv_forward",)
+    return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(
+        base, "_conv_forward", None
     )
 
 
@@ -333,6 +333,15 @@ def _fused_copy(seq: nn.Sequential, plan: list) -> FusedSequential:
     return new
 
 
+def _replace_bottom_up(module: nn.Module, replace) -> nn.Module:
+    """``replace(m)`` (a module to put in m's place, or m itself) applied to every module of the
+    tree, children before their parent; returns what takes ``module``'s place."""
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module._modules[name] = _replace_bottom_up(child, replace)
+    return replace(module)
+
+
 def fuse_conv_bn_act(model: nn.Module) -> nn.Module:
     """Runs every depthwise 3x3 and pointwise 1x1 conv + BatchNorm (+ ReLU6 / ReLU) of ``model``
     through dwsep's fused ops, in place, and returns the model.
@@ -351,16 +360,13 @@ def fuse_conv_bn_act(model: nn.Module) -> nn.Module:
         raise TypeError(f"fuse_conv_bn_act: model must be an nn.Module, got {type(model).__name__}")
 
     def convert(module: nn.Module) -> nn.Module:
-        for name, child in list(module._modules.items()):
-            if child is not None:
-                module._modules[name] = convert(child)
         if isinstance(module, nn.Sequential) and not isinstance(module, FusedSequential):
             plan = _plan(module)
             if any(step[0] == "fused" for step in plan):
                 return _fused_copy(module, plan)
         return module
 
-    return convert(model)
+    return _replace_bottom_up(model, convert)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -381,9 +387,6 @@ def freeze(model: nn.Module) -> nn.Module:
     frozen = fuse_conv_bn_act(copy.deepcopy(model))
 
     def convert(module: nn.Module) -> nn.Module:
-        for name, child in list(module._modules.items()):
-            if child is not None:
-                module._modules[name] = convert(child)
         if isinstance(module, (DepthwiseConvBNAct, PointwiseConvBNAct)):
             kind = "dw" if isinstance(module, DepthwiseConvBNAct) else "pw"
             return FrozenConvAct(kind, module.conv, module.bn, module.activation)
@@ -400,4 +403,4 @@ def freeze(model: nn.Module) -> nn.Module:
             return nn.Sequential(steps)
         return module
 
-    return convert(frozen).eval()
+    return _replace_bottom_up(frozen, convert).eval()
