@@ -67,7 +67,8 @@ def triton_interpret() -> bool:
 # supports NVIDIA GPUs from compute capability 8.0.
 MIN_CUDA_CAPABILITY = (8, 0)
 
-_GPU_PROBLEMS: dict[tuple[str, int], str] = {}
+_GPU_PROBLEMS: dict[tuple[str, int], str] = {}  # (backend, device index) -> why, or ""
+_FALLBACK_WARNED: set[int] = set()  # device indices "auto" has warned about
 
 
 def _constant_under_compile(fn):
@@ -133,8 +134,8 @@ def _gpu_problem(name: str, device: torch.device) -> str:
 def _warn_reference_fallback(device: torch.device, op: str) -> bool:
     """Warns once per device that ``"auto"`` found no kernel backend for it (the reason of
     each), so the reference ops run there. Runs at trace time under torch.compile."""
-    key = ("auto", device.index if device.index is not None else -1)
-    if key in _GPU_PROBLEMS:
+    key = device.index if device.index is not None else -1
+    if key in _FALLBACK_WARNED:
         return True
     reasons = "; ".join(
         f"{b}: {_why_unavailable(b, device)}" for b in auto_order(device) if b != "torch"
@@ -145,7 +146,7 @@ def _warn_reference_fallback(device: torch.device, op: str) -> bool:
         RuntimeWarning,
         stacklevel=3,
     )
-    _GPU_PROBLEMS[key] = "warned"
+    _FALLBACK_WARNED.add(key)
     return True
 
 
@@ -158,14 +159,14 @@ def gpu_info() -> list[dict]:
     for index in range(torch.cuda.device_count()):
         dev = torch.device("cuda", index)
         _, cap, name = _cuda_device(dev)
-        why = {b: _why_unavailable(b, dev) for b in ("triton", "cuda")}
+        why = {b: _why_unavailable(b, dev) for b in BACKENDS}
         out.append(
             {
                 "index": index,
                 "name": name,
                 "capability": f"{cap[0]}.{cap[1]}",
-                "backends": [b for b in BACKENDS if _why_unavailable(b, dev) is None],
-                "unavailable": {b: w for b, w in why.items() if w},
+                "backends": [b for b, w in why.items() if w is None],
+                "unavailable": {b: why[b] for b in ("triton", "cuda") if why[b]},
             }
         )
     return out

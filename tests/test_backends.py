@@ -169,10 +169,12 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(backends, "_cuda_device", lambda d: (0, state["cap"], "Fake GPU"))
     monkeypatch.setattr(backends, "_cuda_kernel_image", lambda i: state["image"])
     monkeypatch.setattr(backends, "_GPU_PROBLEMS", {})
+    monkeypatch.setattr(backends, "_FALLBACK_WARNED", set())
 
     def set_gpu(cap, image=([90, 90], "")):
         state["cap"], state["image"] = cap, image
         backends._GPU_PROBLEMS.clear()
+        backends._FALLBACK_WARNED.clear()
 
     return set_gpu
 
