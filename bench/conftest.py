@@ -198,23 +198,35 @@ class ModelCase:
         return (self.KEY, self.mode, self.dtype, self.layout)
 
 
+# Existing models converted by dwsep.nn.fuse_conv_bn_act; the timm ones run with --full.
+CONVERT_MODELS = ("tv-mobilenetv2", "timm-mobilenetv2_100", "timm-efficientnet_b0")
+
+
 @dataclass(frozen=True)
 class ConvertCase(ModelCase):
-    """torchvision's MobileNetV2 as is ("eager"), converted by dwsep.nn.fuse_conv_bn_act (run on
-    a dwsep backend) or frozen by dwsep.nn.freeze ("<backend>+frozen", inference): inference,
-    or a training step."""
+    """An existing model (``model``, one of CONVERT_MODELS: torchvision's MobileNetV2, timm's
+    mobilenetv2_100 or efficientnet_b0) as is ("eager"), converted by
+    dwsep.nn.fuse_conv_bn_act (run on a dwsep backend) or frozen by dwsep.nn.freeze
+    ("<backend>+frozen", inference): inference, or a training step."""
 
-    MODEL: ClassVar[str] = "tv-mobilenetv2"
-    KEY: ClassVar[str] = "tv_mobilenet_v2"
+    model: str = "tv-mobilenetv2"
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.mode}-{R.dtype_name(self.dtype)}-{self.layout}-{self.impl}"
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.mode, self.dtype, self.layout)
 
 
 def convert_cases(s: Settings) -> list[ConvertCase]:
     cases = []
-    for mode in R.MODEL_MODES:
+    for model, mode in itertools.product(CONVERT_MODELS, R.MODEL_MODES):
         impls = ["eager", *s.backends]
         if mode == "inference":  # dwsep.nn.freeze(): BN folded once, one launch per layer
             impls += [f"{b}{R.FROZEN_SUFFIX}" for b in s.backends]
-        cases += [ConvertCase(mode, s.dtypes[-1], s.layouts[-1], impl) for impl in impls]
+        cases += [ConvertCase(mode, s.dtypes[-1], s.layouts[-1], i, model) for i in impls]
     return cases
 
 
@@ -258,8 +270,11 @@ def pytest_generate_tests(metafunc):
         cases = model_cases(s)
         metafunc.parametrize("model_case", cases, ids=[c.id for c in cases])
     if "convert_case" in metafunc.fixturenames:
-        cases = convert_cases(s)
-        metafunc.parametrize("convert_case", cases, ids=[c.id for c in cases])
+        cases = [
+            pytest.param(c, marks=pytest.mark.full) if c.model != CONVERT_MODELS[0] else c
+            for c in convert_cases(s)
+        ]
+        metafunc.parametrize("convert_case", cases, ids=[c.id for c in convert_cases(s)])
 
 
 def pytest_collection_modifyitems(config, items):

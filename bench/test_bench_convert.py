@@ -1,11 +1,14 @@
-"""torchvision's MobileNetV2 converted by ``dwsep.nn.fuse_conv_bn_act`` (every depthwise 3x3
-and pointwise 1x1 conv + BN + ReLU6 on dwsep's fused ops), and frozen by ``dwsep.nn.freeze``
-(inference), against the unconverted model, in inference and for a training step (forward, cross-entropy, backward, SGD step; the classifier's
-dropout set to 0 in both so the first steps' losses can be compared): images/s, the speedup
-over the original measured in the same session, and the percent of a roofline floor counted
-like MobileNetV1's (a sequence of separately fused ops: each conv + BN + act reads its input
-and weights and writes its output once; the residual adds read two tensors and write one; the
-classifier reads the pooled features). Skips without torchvision."""
+"""Existing models converted by ``dwsep.nn.fuse_conv_bn_act`` (every depthwise 3x3 and
+pointwise 1x1 conv + BN (+ ReLU6 / ReLU) on dwsep's fused ops), and frozen by
+``dwsep.nn.freeze`` (inference), against the unconverted model, in inference and for a training
+step (forward, cross-entropy, backward, SGD step; dropout set to 0 in both so the first steps'
+losses can be compared): images/s, the speedup over the original measured in the same session,
+and the percent of a roofline floor counted like MobileNetV1's (a sequence of separately fused
+ops: each conv + BN + act reads its input and weights and writes its output once; the residual
+adds read two tensors and write one; the classifier reads the pooled features; squeeze-excite
+and activations that are not fused, as efficientnet_b0's SiLU, are not counted, so the floor
+is low for such a model). The models: torchvision's MobileNetV2 (skips without torchvision),
+and with ``--full`` timm's mobilenetv2_100 and efficientnet_b0 (skip without timm)."""
 
 from __future__ import annotations
 
@@ -22,13 +25,17 @@ from dwsep import roofline as RL
 from dwsep.shapes import DepthwiseLayer, PointwiseLayer
 
 
-def mobilenet_v2_cost(
+def _has_residual(m: nn.Module) -> bool:
+    """Whether m is a block that adds its input to its output (torchvision's InvertedResidual,
+    timm's InvertedResidual and DepthwiseSeparableConv)."""
+    return bool(getattr(m, "use_res_connect", False) or getattr(m, "has_skip", False))
+
+
+def model_floor(
     model: nn.Module, x: torch.Tensor, dtype: torch.dtype, mode: str = "inference"
 ) -> RL.Cost:
-    """The floor of ``model`` (an unconverted torchvision MobileNetV2) on input ``x``, in
-    inference or (``fwd_bwd``) a forward and backward."""
-    from torchvision.models.mobilenetv2 import InvertedResidual
-
+    """The floor of ``model`` (unconverted) on input ``x``, in inference or (``fwd_bwd``) a
+    forward and backward."""
     e, a = RL.element_size(dtype), RL.acc_size(dtype)
     total = RL.ZERO
     hooks = []
@@ -52,7 +59,7 @@ def mobilenet_v2_cost(
 
     def on_block(m, inp, out):
         nonlocal total
-        if m.use_res_connect:  # backward: the gradient passes to both inputs as is
+        if _has_residual(m):  # backward: the gradient passes to both inputs as is
             b = 3.0 * out.numel() * e
             total += RL.Cost(0.0, b, b, b)
 
@@ -67,7 +74,7 @@ def mobilenet_v2_cost(
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             hooks.append(m.register_forward_hook(on_conv))
-        elif isinstance(m, InvertedResidual):
+        elif _has_residual(m):
             hooks.append(m.register_forward_hook(on_block))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(on_linear))
@@ -80,19 +87,28 @@ def mobilenet_v2_cost(
     return total
 
 
+def build_model(name: str) -> nn.Module:
+    """A CONVERT_MODELS model with random weights and dropout 0; skips without its package."""
+    torch.manual_seed(0)
+    if name == "tv-mobilenetv2":
+        torchvision = pytest.importorskip("torchvision")
+        return torchvision.models.mobilenet_v2(dropout=0.0)
+    timm = pytest.importorskip("timm")
+    return timm.create_model(name.removeprefix("timm-"), drop_rate=0.0, drop_path_rate=0.0)
+
+
 @pytest.fixture(scope="module")
-def mobilenet_v2_setup(bench_session):
-    """(impl) -> (step, nsets, cost, info) for the session's device, dtype and layout; models
-    built once per (dtype, layout)."""
-    torchvision = pytest.importorskip("torchvision")
+def convert_setup(bench_session):
+    """(model name, impl, dtype, layout, mode) -> (step, nsets, cost, info) for the session's
+    device; models built once per (name, dtype, layout)."""
     s = bench_session.s
     built = {}
 
-    def setup(impl, dtype, layout, mode):
-        key = (dtype, layout)
+    def setup(name, impl, dtype, layout, mode):
+        key = (name, dtype, layout)
         if key not in built:
-            torch.manual_seed(0)
-            ref = torchvision.models.mobilenet_v2(dropout=0.0).eval()
+            built.clear()  # one model's copies at a time
+            ref = build_model(name).eval()
             g = torch.Generator().manual_seed(1)
             with torch.no_grad():  # BN away from the identity, as a trained model has
                 for m in ref.modules():
@@ -113,7 +129,7 @@ def mobilenet_v2_setup(bench_session):
                 torch.randint(0, 1000, (batch,), generator=g).to(s.device) for _ in range(nsets)
             ]
             costs = {
-                m: mobilenet_v2_cost(ref, images[0], dtype, "inference" if m == "inference" else "fwd_bwd")
+                m: model_floor(ref, images[0], dtype, "inference" if m == "inference" else "fwd_bwd")
                 for m in R.MODEL_MODES
             }  # fmt: skip
             fused = dwsep.nn.fuse_conv_bn_act(copy.deepcopy(ref))
@@ -139,16 +155,18 @@ def mobilenet_v2_setup(bench_session):
                     opt.zero_grad(set_to_none=True)
                 return loss.detach()
 
-        info = {"model": "torchvision mobilenet_v2 (dropout 0)", "batch": s.model_batch}
+        info = {"model": f"{name} (dropout 0)", "batch": s.model_batch}
         info["resolution"] = s.model_resolution
         return step, len(images), costs[mode], info
 
     return setup
 
 
-def test_converted_mobilenet_v2(benchmark, bench_session, convert_case, mobilenet_v2_setup):
+def test_converted_model(benchmark, bench_session, convert_case, convert_setup):
     case = convert_case
-    benchmark.group = f"tv-mobilenetv2-{case.mode}"
+    benchmark.group = f"{case.model}-{case.mode}"
     bench_session.run_convert(
-        benchmark, case, lambda impl: mobilenet_v2_setup(impl, case.dtype, case.layout, case.mode)
+        benchmark,
+        case,
+        lambda impl: convert_setup(case.model, impl, case.dtype, case.layout, case.mode),
     )

@@ -15,7 +15,9 @@ from ._validation import activation_code
 from .frozen import FrozenConvAct
 
 __all__ = [
+    "AbsorbedBatchNorm2d",
     "DepthwiseConvBNAct",
+    "FusedConv2d",
     "FusedSequential",
     "PointwiseConvBNAct",
     "freeze",
@@ -218,9 +220,12 @@ class PointwiseConvBNAct(_ConvBNAct):
 _ACTIVATIONS = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"))
 
 
-def _fusable_kind(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    """ "depthwise" or "pointwise" when (conv, bn) is a pair the fused ops compute, else None."""
-    if not (_computes_like(conv, nn.Conv2d) and _computes_like(bn, nn.BatchNorm2d)):
+def _fusable_kind(conv: nn.Module, bn: nn.Module, check_bn: bool = True) -> Optional[str]:
+    """ "depthwise" or "pointwise" when (conv, bn) is a pair the fused ops compute, else None
+    (``check_bn=False``: the caller has checked what the BN computes)."""
+    if not _computes_like(conv, nn.Conv2d):
+        return None
+    if check_bn and not _computes_like(bn, nn.BatchNorm2d):
         return None
     if (
         conv.bias is not None
@@ -325,6 +330,184 @@ class FusedSequential(nn.Sequential):
         return f"fused={fused}"
 
 
+# --- Pairs inside modules with their own forward (timm's blocks, ConvNormAct, ...) ------------
+
+
+def _is_timm_bn_act(bn: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` itself (not a subclass), without hooks: its forward is
+    BatchNorm2d's math, then ``self.drop``, then ``self.act``."""
+    cls = type(bn)
+    return (
+        cls.__qualname__ == "BatchNormAct2d"
+        and cls.__module__.startswith("timm.")
+        and isinstance(bn, nn.BatchNorm2d)
+        and not (bn._forward_pre_hooks or bn._forward_hooks)
+        and isinstance(getattr(bn, "act", None), nn.Module)
+        and isinstance(getattr(bn, "drop", None), nn.Module)
+    )
+
+
+def _norm_epilogue(bn: nn.Module) -> Optional[tuple[Optional[str], bool]]:
+    """For a BN a fused op can take over: (the activation to fuse, whether the BN module must
+    still run its own drop + act after it). None when it cannot be taken over."""
+    if _computes_like(bn, nn.BatchNorm2d):
+        return None, False
+    if not _is_timm_bn_act(bn):
+        return None
+    act = bn.act
+    if type(bn.drop) is not nn.Identity:
+        return None  # DropBlock between the BN and its activation: left as it is
+    if type(act) is nn.Identity:
+        return None, False
+    activation = _activation_of(act)
+    if activation is not None:
+        return activation, False
+    return None, True  # e.g. SiLU or Hardswish: conv + BN fused, the activation runs after
+
+
+class _ChildCallTracer(torch.fx.Tracer):
+    """Traces one module's own forward, every submodule a leaf (one call_module node each)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _pairs_in_graph(module: nn.Module, graph: torch.fx.Graph) -> set[tuple[str, str]]:
+    """(conv, bn) child names where the conv's only use is as the only argument of the bn's
+    call, and each of the two is called once and touched nowhere else in the forward."""
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            head = str(node.target).split(".")[0]
+            uses[head] = uses.get(head, 0) + 1
+    pairs = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or "." in str(node.target) or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        conv_name, bn_name = str(node.target), str(user.target)
+        if (
+            user.op == "call_module"
+            and "." not in bn_name
+            and user.args == (node,)
+            and not user.kwargs
+            and len(node.args) == 1
+            and not node.kwargs
+            and uses.get(conv_name) == 1
+            and uses.get(bn_name) == 1
+        ):
+            pairs.add((conv_name, bn_name))
+    return pairs
+
+
+def _traced_pairs(module: nn.Module) -> set[tuple[str, str]]:
+    """The (conv, bn) pairs that ``module``'s forward runs back to back, in training and in
+    eval alike (a forward that branches on ``self.training`` keeps only pairs of both); empty
+    when the forward cannot be traced (e.g. it branches on tensor values)."""
+    found = None
+    was = module.training
+    try:
+        for mode in (was, not was):
+            module.training = mode  # its own flag only: the children are leaves
+            try:
+                graph = _ChildCallTracer().trace(module)
+            except Exception:  # untraceable forward: nothing is fused in this module
+                return set()
+            pairs = _pairs_in_graph(module, graph)
+            found = pairs if found is None else found & pairs
+    finally:
+        module.training = was
+    return found or set()
+
+
+class FusedConv2d(nn.Conv2d):
+    """A depthwise 3x3 or pointwise 1x1 ``nn.Conv2d`` that applies the BatchNorm (and
+    activation) that follows it in its parent's forward, as one dwsep fused op. Made by
+    :func:`fuse_conv_bn_act` for modules with their own forward (timm's blocks): it is the
+    original conv (same parameters, attributes and ``state_dict`` keys), and the BN module
+    it applies (an :class:`AbsorbedBatchNorm2d`, still a child of the parent, where its
+    parameters, buffers and ``training`` flag live) then passes its input through."""
+
+    _dwsep_kind: str
+    _dwsep_activation: Optional[str]
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.__dict__["_dwsep_norm"]  # not a child: the parent owns it
+        args = _bn_forward_args(bn, bn)
+        if self._dwsep_kind == "depthwise":
+            return DF.depthwise_conv_bn_act(
+                x,
+                self.weight,
+                stride=int(self.stride[0]),
+                activation=self._dwsep_activation,
+                **args,
+            )
+        return DF.pointwise_conv_bn_act(x, self.weight, activation=self._dwsep_activation, **args)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fused with BN, activation={self._dwsep_activation!r}"
+
+
+class AbsorbedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d whose normalization (and activation) its :class:`FusedConv2d` applies.
+    It keeps its parameters, buffers and ``state_dict`` keys; its forward passes its input
+    through, or runs only what was not fused (timm ``BatchNormAct2d``'s ``act`` where it is not
+    ReLU/ReLU6). Called on anything but its conv's output it would skip the normalization,
+    which is why :func:`fuse_conv_bn_act` only absorbs a BN that its parent's forward calls
+    once, on the conv's output only."""
+
+    _dwsep_post_ops: bool = False
+    # An out-of-place twin of an in-place activation: the fused op saves its output for the
+    # backward, which the original BN did not, so autograd must not see it modified.
+    _dwsep_act_twin: Optional[nn.Module] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._dwsep_post_ops:
+            return x
+        act = self.act
+        if self._dwsep_act_twin is not None and torch.is_grad_enabled() and x.requires_grad:
+            act = self._dwsep_act_twin
+        return act(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, applied by its conv"
+
+
+def _absorb(module: nn.Module, conv_name: str, bn_name: str, kind: str) -> None:
+    conv, bn = module._modules[conv_name], module._modules[bn_name]
+    activation, post_ops = _norm_epilogue(bn)
+    head = FusedConv2d.__new__(FusedConv2d)
+    head.__dict__ = dict(conv.__dict__)  # the same parameters, buffers and flags
+    norm = AbsorbedBatchNorm2d.__new__(AbsorbedBatchNorm2d)
+    norm.__dict__ = dict(bn.__dict__)
+    norm._dwsep_post_ops = post_ops
+    if post_ops and getattr(bn.act, "inplace", False) is True:
+        twin = copy.copy(bn.act)  # shares the activation's parameter dicts, if any
+        twin.inplace = False
+        norm.__dict__["_dwsep_act_twin"] = twin  # not registered: no state of its own
+    head._dwsep_kind = kind
+    head._dwsep_activation = activation
+    head.__dict__["_dwsep_norm"] = norm  # a plain attribute: not registered as head's child
+    module._modules[conv_name] = head
+    module._modules[bn_name] = norm
+
+
+def _absorb_traced_pairs(module: nn.Module, shared: set[int]) -> None:
+    """Fuses the conv + BN pairs of a module with its own forward (see fuse_conv_bn_act)."""
+    kids = module._modules
+    free = [n for n, m in kids.items() if m is not None and id(m) not in shared]
+    convs = {n for n in free if _computes_like(kids[n], nn.Conv2d)}
+    norms = {n for n in free if _norm_epilogue(kids[n]) is not None}
+    if not convs or not norms:
+        return  # nothing to fuse: no need to trace
+    for conv_name, bn_name in sorted(_traced_pairs(module)):
+        if conv_name not in convs or bn_name not in norms:
+            continue
+        kind = _fusable_kind(kids[conv_name], kids[bn_name], check_bn=False)
+        if kind is not None:
+            _absorb(module, conv_name, bn_name, kind)
+
+
 def _fused_copy(seq: nn.Sequential, plan: list) -> FusedSequential:
     new = FusedSequential.__new__(FusedSequential)
     new.__dict__ = dict(seq.__dict__)  # same children, parameters, buffers, hooks and flags
@@ -344,26 +527,49 @@ def _replace_bottom_up(module: nn.Module, replace) -> nn.Module:
 
 def fuse_conv_bn_act(model: nn.Module) -> nn.Module:
     """Runs every depthwise 3x3 and pointwise 1x1 conv + BatchNorm (+ ReLU6 / ReLU) of ``model``
-    through dwsep's fused ops, in place, and returns the model.
+    through dwsep's fused ops, in place, and returns the model. The conv must be depthwise 3x3
+    (padding 1, stride 1 or 2, no bias) or 1x1 (stride 1, no bias). Parameters stay the same
+    objects and ``state_dict`` keys do not change (load weights before or after).
 
-    It looks inside every ``nn.Sequential`` (and subclass, such as torchvision's
-    ``Conv2dNormActivation``) for consecutive ``Conv2d``, ``BatchNorm2d`` and optional ``ReLU6``
-    / ``ReLU`` children where the conv is depthwise 3x3 (padding 1, stride 1 or 2, no bias) or
-    1x1 (stride 1, no bias); such a Sequential is replaced by a :class:`FusedSequential` that
-    keeps its children, so parameters are shared and ``state_dict`` keys do not change (load
-    weights before or after). Everything else runs as before: e.g. torchvision's
-    ``mobilenet_v2`` gets all 51 of its depthwise (17) and pointwise (34) layers fused, its stem
-    conv and classifier unchanged. A model that is itself a matching Sequential is returned as a new
-    object.
+    Two kinds of parents are looked into:
+
+    - every ``nn.Sequential`` (and subclass, such as torchvision's ``Conv2dNormActivation``):
+      consecutive ``Conv2d``, ``BatchNorm2d`` and optional ``ReLU6`` / ``ReLU`` children. The
+      Sequential becomes a :class:`FusedSequential` with the same children. torchvision's
+      ``mobilenet_v2`` gets all 51 of its depthwise (17) and pointwise (34) layers fused.
+    - every other module with a conv and a BN among its children (timm's
+      ``DepthwiseSeparableConv``, ``InvertedResidual``, ``ConvNormAct``, its models' heads):
+      its forward is traced with ``torch.fx``, children as leaves, in training and in eval
+      mode. A pair is fused where, in both, the conv's output goes only to the BN, and each is
+      called once and touched nowhere else; the conv becomes a :class:`FusedConv2d` that
+      applies the BN, and the BN an :class:`AbsorbedBatchNorm2d` that passes its input on. A
+      timm ``BatchNormAct2d`` fuses its ReLU / ReLU6; another activation (SiLU, Hardswish) is
+      kept and runs after the fused conv + BN. A forward that cannot be traced (it branches
+      on tensor values) is left as it is, and so are modules reachable from two places.
+
+    Convs and BNs that compute something else (a subclass with its own forward, forward
+    hooks, SyncBatchNorm) are never fused; everything else runs as before. A model that is
+    itself a matching Sequential is returned as a new object.
+
+    A forward whose pairs depend on attributes other than ``training`` (``if self.use_bn:``)
+    is traced as it is at conversion: change such attributes before converting, not after.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse_conv_bn_act: model must be an nn.Module, got {type(model).__name__}")
 
+    seen: set[int] = set()
+    shared: set[int] = set()  # modules reachable twice: never absorbed
+    for _, m in model.named_modules(remove_duplicate=False):
+        (shared if id(m) in seen else seen).add(id(m))
+
     def convert(module: nn.Module) -> nn.Module:
-        if isinstance(module, nn.Sequential) and not isinstance(module, FusedSequential):
-            plan = _plan(module)
-            if any(step[0] == "fused" for step in plan):
-                return _fused_copy(module, plan)
+        if isinstance(module, nn.Sequential):
+            if not isinstance(module, FusedSequential):
+                plan = _plan(module)
+                if any(step[0] == "fused" for step in plan):
+                    return _fused_copy(module, plan)
+        elif id(module) not in shared:
+            _absorb_traced_pairs(module, shared)
         return module
 
     return _replace_bottom_up(model, convert)
@@ -390,6 +596,13 @@ def freeze(model: nn.Module) -> nn.Module:
         if isinstance(module, (DepthwiseConvBNAct, PointwiseConvBNAct)):
             kind = "dw" if isinstance(module, DepthwiseConvBNAct) else "pw"
             return FrozenConvAct(kind, module.conv, module.bn, module.activation)
+        if isinstance(module, FusedConv2d):
+            kind = "dw" if module._dwsep_kind == "depthwise" else "pw"
+            return FrozenConvAct(
+                kind, module, module.__dict__["_dwsep_norm"], module._dwsep_activation
+            )
+        if isinstance(module, AbsorbedBatchNorm2d):
+            return module.act if module._dwsep_post_ops else nn.Identity()
         if isinstance(module, FusedSequential):
             mods, steps = module._modules, OrderedDict()
             for step in module._dwsep_plan:

@@ -14,7 +14,7 @@ from op_harness import backend_params
 from torch import nn
 
 import dwsep
-from dwsep.nn import FusedSequential, fuse_conv_bn_act
+from dwsep.nn import AbsorbedBatchNorm2d, FusedConv2d, FusedSequential, fuse_conv_bn_act
 
 CPU_KERNEL_BACKENDS = [p for p in backend_params(include_torch=True) if p.values[1] == "cpu"]
 
@@ -330,3 +330,203 @@ def test_freeze_torchvision_mobilenet_v2_compiles():
         torch.testing.assert_close(frozen(x), want, rtol=1e-6, atol=1e-7)
         compiled = torch.compile(frozen, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x), want, rtol=1e-6, atol=1e-7)
+
+
+# --- Modules with their own forward: pairs found by tracing (timm's blocks) -------------------
+
+
+def absorbed_heads(model: nn.Module) -> list[tuple[str, str, object]]:
+    return [
+        (n, m._dwsep_kind, m._dwsep_activation)
+        for n, m in model.named_modules()
+        if isinstance(m, FusedConv2d)
+    ]
+
+
+class _Block(nn.Module):
+    """Attribute-style block (as timm's): dw + BN + ReLU6 as attributes, a pointwise conv whose
+    BN has a separate Hardswish after it, a residual; plus pairs that must not be fused."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.act1 = nn.ReLU6()
+        self.conv_pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.act2 = nn.Hardswish()
+        self.conv_tap = nn.Conv2d(c, c, 1, bias=False)  # its output is also used elsewhere
+        self.bn3 = nn.BatchNorm2d(c)
+        self.conv_twice = nn.Conv2d(c, c, 1, bias=False)  # its BN runs twice
+        self.bn4 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.conv_dw(x)))  # fused (the separate ReLU6 kept as it is)
+        y = self.act2(self.bn2(self.conv_pw(y)))  # fused (the Hardswish kept)
+        t = self.conv_tap(y)
+        y = self.bn3(t) + t  # not fused: conv_tap's output is used twice
+        y = self.bn4(self.conv_twice(y))
+        return self.bn4(y) + x  # not fused: bn4 is called twice
+
+
+class _ModeBranch(nn.Module):
+    """Calls its BN only in training: tracing in both modes must find no pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) if self.training else y
+
+
+class _ValueBranch(nn.Module):
+    """Branches on a tensor value: cannot be traced, so nothing in it is fused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.bn(self.conv(x))
+        return self.bn(self.conv(-x))
+
+
+def test_traced_pairs_fuse_exactly_the_back_to_back_ones():
+    model = fuse_conv_bn_act(nn.ModuleList([_Block(), _ModeBranch(), _ValueBranch()]))
+    assert absorbed_heads(model) == [
+        ("0.conv_dw", "depthwise", None),
+        ("0.conv_pw", "pointwise", None),
+    ]
+    assert isinstance(model[0].bn1, AbsorbedBatchNorm2d) and isinstance(model[0].act1, nn.ReLU6)
+    assert type(model[0].bn3) is nn.BatchNorm2d and type(model[0].bn4) is nn.BatchNorm2d
+    assert type(model[1].bn) is nn.BatchNorm2d and type(model[2].bn) is nn.BatchNorm2d
+
+
+def test_shared_modules_are_not_absorbed():
+    """A conv/BN reachable from two places (weight tying) keeps running as it is."""
+    block = _Block()
+    twin = _Block()
+    twin.conv_dw, twin.bn1 = block.conv_dw, block.bn1
+    model = fuse_conv_bn_act(nn.ModuleList([block, twin]))
+    heads = [n for n, _, _ in absorbed_heads(model)]
+    assert heads == ["0.conv_pw", "1.conv_pw"]
+
+
+@pytest.mark.parametrize(("backend", "device"), CPU_KERNEL_BACKENDS)
+def test_traced_block_matches_original_train_and_eval(backend, device):
+    """Three training steps then eval, float64: outputs, every gradient, running statistics,
+    with the BN's momentum=None (cumulative average) on one pair."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(_Block(), nn.Hardtanh(-3, 3), _Block()).double()
+    ref[2].bn2.momentum = None
+    randomize_bn(ref)
+    model = fuse_conv_bn_act(copy.deepcopy(ref))
+    assert len(absorbed_heads(model)) == 4
+    x = torch.randn(3, 6, 13, 11, dtype=torch.float64)
+    with dwsep.use_backend(backend):
+        for step in range(3):
+            out, want = model(x + step), ref(x + step)
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+            out.sin().sum().backward()
+            want.sin().sum().backward()
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-9, msg=n)
+        for (n, b), c in zip(model.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-10, msg=n)
+        model.eval(), ref.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
+def test_traced_block_state_dict_copies_and_compile():
+    """Keys and parameters unchanged; deepcopy and pickling keep each conv tied to its own
+    (copied) BN; a frozen BN (bn.eval() in a training model) is honoured; fullgraph compile."""
+    original = _Block()
+    randomize_bn(original)
+    keys, weight = list(original.state_dict()), original.conv_dw.weight
+    model = fuse_conv_bn_act(original)
+    assert list(model.state_dict()) == keys and model.conv_dw.weight is weight
+    assert model.conv_dw.__dict__["_dwsep_norm"] is model.bn1
+    clone = copy.deepcopy(model)
+    assert clone.conv_dw.__dict__["_dwsep_norm"] is clone.bn1
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.conv_pw.__dict__["_dwsep_norm"] is loaded.bn2
+    x = torch.randn(2, 6, 9, 9)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x), model(x))
+    ref = _Block()
+    ref.load_state_dict(model.state_dict())
+    ref.train(), model.train()
+    ref.bn1.eval(), model.bn1.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bn1.running_mean, ref.bn1.running_mean)
+
+
+TIMM_MODELS = [
+    # name, depthwise, pointwise, fused activations, BNs that still run their own act
+    ("mobilenetv1_100", 13, 13, {"relu6": 26}, 0),
+    ("mobilenetv2_050", 17, 34, {"relu6": 34, None: 17}, 0),
+    ("efficientnet_lite0", 7, 32, {"relu6": 23, None: 16}, 0),
+    ("mnasnet_050", 7, 34, {"relu": 24, None: 17}, 0),
+    ("efficientnet_b0", 7, 32, {None: 39}, 23),  # SiLU: conv + BN fused, SiLU kept
+]
+
+
+@pytest.mark.parametrize(("name", "n_dw", "n_pw", "acts", "n_post"), TIMM_MODELS)
+def test_timm_models(name, n_dw, n_pw, acts, n_post):
+    """timm's models (random weights, BN randomized): every fusable depthwise 3x3 and pointwise
+    layer fused through its BatchNormAct2d (ReLU/ReLU6 fused, other activations kept); same
+    state_dict keys, training gradients and running stats, and eval outputs as the original
+    (float64, cpu backend); freeze gives the converted model's eval outputs."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(1)
+    ref = timm.create_model(name, drop_rate=0.0).double()
+    randomize_bn(ref, seed=2)
+    keys = list(ref.state_dict())
+    model = fuse_conv_bn_act(copy.deepcopy(ref))
+    heads = absorbed_heads(model)
+    kinds = [k for _, k, _ in heads]
+    assert (kinds.count("depthwise"), kinds.count("pointwise")) == (n_dw, n_pw)
+    got = {}
+    for _, _, a in heads:
+        got[a] = got.get(a, 0) + 1
+    assert got == acts
+    post = [m for m in model.modules() if isinstance(m, AbsorbedBatchNorm2d) and m._dwsep_post_ops]
+    assert len(post) == n_post
+    assert list(model.state_dict()) == keys
+    assert absorbed_heads(fuse_conv_bn_act(model)) == heads  # converting again changes nothing
+    # 64x64 (the last stage 2x2): at 32x32 its 1x1 images at batch 2 make batch statistics
+    # that amplify rounding ~1e6-fold through the randomly initialized network
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    model.train(), ref.train()
+    model(x).sum().backward()
+    ref(x).sum().backward()
+    # A BN bias feeding a linear layer and then a training BN has a gradient of exactly 0 in
+    # exact arithmetic (rounding noise on both sides): the bound scales with each gradient's
+    # size and the model's largest.
+    top = max(float(q.grad.abs().max()) for q in ref.parameters())
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        atol = 1e-9 * float(q.grad.abs().max()) + 1e-12 * top
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=atol, msg=n)
+    for (n, b), c in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-10, msg=n)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        want = ref(x)
+        torch.testing.assert_close(model(x), want, rtol=1e-9, atol=1e-9)
+        frozen = dwsep.nn.freeze(model)
+        assert not any(isinstance(m, (FusedConv2d, AbsorbedBatchNorm2d)) for m in frozen.modules())
+        n_frozen = sum(isinstance(m, dwsep.frozen.FrozenConvAct) for m in frozen.modules())
+        assert n_frozen == len(heads)
+        torch.testing.assert_close(frozen(x), want, rtol=1e-9, atol=1e-9)
