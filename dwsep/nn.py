@@ -420,19 +420,43 @@ def _traced_pairs(module: nn.Module) -> set[tuple[str, str]]:
     return found or set()
 
 
+class _FusedPair:
+    """A (conv, BN) pair fused in ``parent``: the two modules and the attribute names the parent
+    holds them under, and their classes before fusing. Both sides check :meth:`intact` on each
+    call and compute what they computed before fusing if not: if either attribute now holds
+    another module (a replaced or wrapped layer), the BN is neither skipped nor applied twice."""
+
+    def __init__(self, parent: nn.Module, conv_name: str, bn_name: str, conv, bn) -> None:
+        self.parent, self.conv_name, self.bn_name = parent, conv_name, bn_name
+        self.conv_cls, self.bn_cls = type(conv), type(bn)
+        self.conv: Optional[FusedConv2d] = None
+        self.norm: Optional[AbsorbedBatchNorm2d] = None
+
+    def intact(self) -> bool:
+        return (
+            getattr(self.parent, self.conv_name, None) is self.conv
+            and getattr(self.parent, self.bn_name, None) is self.norm
+        )
+
+
 class FusedConv2d(nn.Conv2d):
     """A depthwise 3x3 or pointwise 1x1 ``nn.Conv2d`` that applies the BatchNorm (and
     activation) that follows it in its parent's forward, as one dwsep fused op. Made by
     :func:`fuse_conv_bn_act` for modules with their own forward (timm's blocks): it is the
     original conv (same parameters, attributes and ``state_dict`` keys), and the BN module
     it applies (an :class:`AbsorbedBatchNorm2d`, still a child of the parent, where its
-    parameters, buffers and ``training`` flag live) then passes its input through."""
+    parameters, buffers and ``training`` flag live) then passes its input through. If the
+    parent no longer holds the two (one was replaced), it is a plain conv again."""
 
     _dwsep_kind: str
     _dwsep_activation: Optional[str]
+    _dwsep_pair: _FusedPair
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self.__dict__["_dwsep_norm"]  # not a child: the parent owns it
+        pair = self._dwsep_pair
+        if not pair.intact():
+            return nn.Conv2d.forward(self, x)
+        bn = pair.norm
         args = _bn_forward_args(bn, bn)
         if self._dwsep_kind == "depthwise":
             return DF.depthwise_conv_bn_act(
@@ -452,16 +476,21 @@ class AbsorbedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d whose normalization (and activation) its :class:`FusedConv2d` applies.
     It keeps its parameters, buffers and ``state_dict`` keys; its forward passes its input
     through, or runs only what was not fused (timm ``BatchNormAct2d``'s ``act`` where it is not
-    ReLU/ReLU6). Called on anything but its conv's output it would skip the normalization,
-    which is why :func:`fuse_conv_bn_act` only absorbs a BN that its parent's forward calls
-    once, on the conv's output only."""
+    ReLU/ReLU6). :func:`fuse_conv_bn_act` only absorbs a BN that its parent's forward calls
+    once, on the conv's output only. If the parent no longer holds the two (one was replaced),
+    it computes what the BN computed before fusing."""
 
     _dwsep_post_ops: bool = False
+    _dwsep_timm: bool = False  # a timm BatchNormAct2d before fusing: BN, drop, act
     # An out-of-place twin of an in-place activation: the fused op saves its output for the
     # backward, which the original BN did not, so autograd must not see it modified.
     _dwsep_act_twin: Optional[nn.Module] = None
+    _dwsep_pair: _FusedPair
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self._dwsep_pair.intact():
+            x = nn.BatchNorm2d.forward(self, x)
+            return self.act(self.drop(x)) if self._dwsep_timm else x
         if not self._dwsep_post_ops:
             return x
         act = self.act
@@ -476,20 +505,35 @@ class AbsorbedBatchNorm2d(nn.BatchNorm2d):
 def _absorb(module: nn.Module, conv_name: str, bn_name: str, kind: str) -> None:
     conv, bn = module._modules[conv_name], module._modules[bn_name]
     activation, post_ops = _norm_epilogue(bn)
+    pair = _FusedPair(module, conv_name, bn_name, conv, bn)
     head = FusedConv2d.__new__(FusedConv2d)
     head.__dict__ = dict(conv.__dict__)  # the same parameters, buffers and flags
     norm = AbsorbedBatchNorm2d.__new__(AbsorbedBatchNorm2d)
     norm.__dict__ = dict(bn.__dict__)
     norm._dwsep_post_ops = post_ops
+    norm._dwsep_timm = _is_timm_bn_act(bn)
     if post_ops and getattr(bn.act, "inplace", False) is True:
         twin = copy.copy(bn.act)  # shares the activation's parameter dicts, if any
         twin.inplace = False
         norm.__dict__["_dwsep_act_twin"] = twin  # not registered: no state of its own
     head._dwsep_kind = kind
     head._dwsep_activation = activation
-    head.__dict__["_dwsep_norm"] = norm  # a plain attribute: not registered as head's child
+    pair.conv, pair.norm = head, norm
+    head._dwsep_pair = norm._dwsep_pair = pair  # plain attributes: nothing registered
     module._modules[conv_name] = head
     module._modules[bn_name] = norm
+
+
+def _unfused(module: nn.Module) -> nn.Module:
+    """A FusedConv2d or AbsorbedBatchNorm2d whose pair is no longer intact, as the module it
+    was before fusing (same parameters and attributes); anything else as it is."""
+    if not isinstance(module, (FusedConv2d, AbsorbedBatchNorm2d)) or module._dwsep_pair.intact():
+        return module
+    pair = module._dwsep_pair
+    cls = pair.conv_cls if isinstance(module, FusedConv2d) else pair.bn_cls
+    old = cls.__new__(cls)
+    old.__dict__ = {k: v for k, v in module.__dict__.items() if not k.startswith("_dwsep_")}
+    return old
 
 
 def _absorb_traced_pairs(module: nn.Module, shared: set[int]) -> None:
@@ -563,6 +607,7 @@ def fuse_conv_bn_act(model: nn.Module) -> nn.Module:
         (shared if id(m) in seen else seen).add(id(m))
 
     def convert(module: nn.Module) -> nn.Module:
+        module = _unfused(module)  # a pair broken up since an earlier conversion
         if isinstance(module, nn.Sequential):
             if not isinstance(module, FusedSequential):
                 plan = _plan(module)
@@ -596,11 +641,9 @@ def freeze(model: nn.Module) -> nn.Module:
         if isinstance(module, (DepthwiseConvBNAct, PointwiseConvBNAct)):
             kind = "dw" if isinstance(module, DepthwiseConvBNAct) else "pw"
             return FrozenConvAct(kind, module.conv, module.bn, module.activation)
-        if isinstance(module, FusedConv2d):
+        if isinstance(module, FusedConv2d):  # its pair is intact: fuse_conv_bn_act checked
             kind = "dw" if module._dwsep_kind == "depthwise" else "pw"
-            return FrozenConvAct(
-                kind, module, module.__dict__["_dwsep_norm"], module._dwsep_activation
-            )
+            return FrozenConvAct(kind, module, module._dwsep_pair.norm, module._dwsep_activation)
         if isinstance(module, AbsorbedBatchNorm2d):
             return module.act if module._dwsep_post_ops else nn.Identity()
         if isinstance(module, FusedSequential):

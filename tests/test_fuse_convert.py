@@ -451,14 +451,14 @@ def test_traced_block_state_dict_copies_and_compile():
     keys, weight = list(original.state_dict()), original.conv_dw.weight
     model = fuse_conv_bn_act(original)
     assert list(model.state_dict()) == keys and model.conv_dw.weight is weight
-    assert model.conv_dw.__dict__["_dwsep_norm"] is model.bn1
+    assert model.conv_dw._dwsep_pair.norm is model.bn1
     clone = copy.deepcopy(model)
-    assert clone.conv_dw.__dict__["_dwsep_norm"] is clone.bn1
+    assert clone.conv_dw._dwsep_pair.norm is clone.bn1 and clone.bn1._dwsep_pair.parent is clone
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
-    assert loaded.conv_pw.__dict__["_dwsep_norm"] is loaded.bn2
+    assert loaded.conv_pw._dwsep_pair.norm is loaded.bn2
     x = torch.randn(2, 6, 9, 9)
     model.eval(), loaded.eval()
     with torch.no_grad():
@@ -471,6 +471,44 @@ def test_traced_block_state_dict_copies_and_compile():
     ref.bn1.eval(), model.bn1.eval()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bn1.running_mean, ref.bn1.running_mean)
+
+
+def test_traced_pair_replaced_or_wrapped_after_conversion():
+    """A layer replaced or wrapped after conversion: the pair computes what it computed before
+    fusing (the BN neither skipped nor applied twice), and converting again restores the
+    original classes and fuses what is fusable now."""
+    torch.manual_seed(0)
+    ref = _Block().double()
+    randomize_bn(ref)
+    ref.eval()
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    for change in ("conv", "bn", "wrap"):
+        want_mod = copy.deepcopy(ref)
+        model = fuse_conv_bn_act(copy.deepcopy(ref)).eval()
+        for m in (want_mod, model):
+            if change == "conv":  # a new depthwise conv: the BN (absorbed) must run again
+                m.conv_dw = nn.Conv2d(6, 6, 3, 1, 1, groups=6, bias=False).double()
+                m.conv_dw.weight.data.fill_(0.1)
+            elif change == "bn":  # a new BN: the conv must stop applying the old one
+                m.bn2 = nn.BatchNorm2d(6).double().eval()
+                m.bn2.running_mean.fill_(0.3)
+            else:  # the conv wrapped in a Sequential with a scale after it
+                m.conv_pw = nn.Sequential(m.conv_pw, nn.Hardtanh(-0.5, 0.5))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), want_mod(x), rtol=1e-12, atol=1e-12, msg=change)
+        again = fuse_conv_bn_act(model)
+        assert not any(
+            isinstance(m, (FusedConv2d, AbsorbedBatchNorm2d)) and not m._dwsep_pair.intact()
+            for m in again.modules()
+        )
+        fused = [n for n, _, _ in absorbed_heads(again)]
+        # wrapped: conv_pw is a Sequential now, which the parent's pair no longer matches
+        assert fused == (["conv_dw"] if change == "wrap" else ["conv_dw", "conv_pw"])
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), want_mod(x), rtol=1e-12, atol=1e-12, msg=change)
+        frozen = dwsep.nn.freeze(model)
+        with torch.no_grad():
+            torch.testing.assert_close(frozen(x), want_mod(x), rtol=1e-12, atol=1e-12, msg=change)
 
 
 TIMM_MODELS = [
