@@ -41,6 +41,24 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
 
 
+def check_train_then_eval(model: nn.Module, ref: nn.Module, x: torch.Tensor, backend: str) -> None:
+    """Three training steps then eval, float64, model against ref (its unconverted copy):
+    outputs, every gradient, running statistics."""
+    with dwsep.use_backend(backend):
+        for step in range(3):
+            out, want = model(x + step), ref(x + step)
+            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
+            out.sin().sum().backward()
+            want.sin().sum().backward()
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-9, msg=n)
+        for (n, b), c in zip(model.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-10, msg=n)
+        model.eval(), ref.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+
+
 def small_sequential() -> nn.Sequential:
     """Fusable runs next to ones that are not: a conv with a bias, a dilated depthwise conv, a
     BN followed by Hardswish (fused without activation, Hardswish kept), a trailing pair."""
@@ -86,21 +104,7 @@ def test_sequential_matches_original_train_and_eval(backend, device):
     ref = small_sequential().double()
     randomize_bn(ref)
     model = fuse_conv_bn_act(copy.deepcopy(ref))
-    x = torch.randn(3, 4, 13, 11, dtype=torch.float64)
-    with dwsep.use_backend(backend):
-        for step in range(3):
-            xs = x + step
-            out, want = model(xs), ref(xs)
-            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
-            (out.sin().sum()).backward()
-            (want.sin().sum()).backward()
-        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-9, msg=n)
-        for (n, b), c in zip(model.named_buffers(), ref.buffers()):
-            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-10, msg=n)
-        model.eval(), ref.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+    check_train_then_eval(model, ref, torch.randn(3, 4, 13, 11, dtype=torch.float64), backend)
 
 
 def test_bn_follows_its_own_training_flag():
@@ -427,20 +431,7 @@ def test_traced_block_matches_original_train_and_eval(backend, device):
     randomize_bn(ref)
     model = fuse_conv_bn_act(copy.deepcopy(ref))
     assert len(absorbed_heads(model)) == 4
-    x = torch.randn(3, 6, 13, 11, dtype=torch.float64)
-    with dwsep.use_backend(backend):
-        for step in range(3):
-            out, want = model(x + step), ref(x + step)
-            torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)
-            out.sin().sum().backward()
-            want.sin().sum().backward()
-        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-9, msg=n)
-        for (n, b), c in zip(model.named_buffers(), ref.buffers()):
-            torch.testing.assert_close(b, c, rtol=1e-9, atol=1e-10, msg=n)
-        model.eval(), ref.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-9)
+    check_train_then_eval(model, ref, torch.randn(3, 6, 13, 11, dtype=torch.float64), backend)
 
 
 def test_traced_block_state_dict_copies_and_compile():
