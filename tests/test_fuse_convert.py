@@ -559,3 +559,19 @@ def test_timm_models(name, n_dw, n_pw, acts, n_post):
         n_frozen = sum(isinstance(m, dwsep.frozen.FrozenConvAct) for m in frozen.modules())
         assert n_frozen == len(heads)
         torch.testing.assert_close(frozen(x), want, rtol=1e-9, atol=1e-9)
+
+
+def test_timm_model_compiles_fullgraph():
+    """A converted timm model traces whole under torch.compile(fullgraph=True), in eval and in
+    training (the pair checks and the absorbed BNs cause no graph break)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = fuse_conv_bn_act(timm.create_model("mobilenetv2_050")).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.compile(model, fullgraph=True, backend="eager")(x), model(x)
+        )
+    model.train()
+    torch.compile(model, fullgraph=True, backend="eager")(x).sum().backward()
+    assert model.conv_head.weight.grad is not None
