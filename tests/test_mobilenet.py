@@ -218,6 +218,37 @@ def test_layers_run_on_backend(backend, training):
         assert rec.count("aten.native_batch_norm") + rec.count("aten._native_batch_norm") == 0
 
 
+def test_cpu_body_runs_channels_last():
+    """On the CPU the dwsep models (and their freeze()) run the body in channels_last for an
+    NCHW input, and hand forward_features / forward_stages / the input gradient back in NCHW;
+    the reference model runs as the input is."""
+    torch.manual_seed(0)
+    model, ref = make_pair(0.25, dtype=torch.float32)
+    seen = []
+
+    def record(module, inputs):
+        seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last))
+
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    for m in (model, ref, model.eval().freeze()):
+        hook = m.blocks[1][0].register_forward_pre_hook(record)
+        feats = m.forward_features(x)
+        hook.remove()
+        assert feats.is_contiguous() and not feats.is_contiguous(memory_format=torch.channels_last)
+    assert seen == [True, False, True]
+    model.train()
+    model(x).sum().backward()
+    assert x.grad.is_contiguous()
+    staged = dwsep.MobileNetV1(alpha=0.25, features_only=True).eval()
+    with torch.no_grad():
+        outs = staged(x.detach())
+        outs_cl = staged(x.detach().contiguous(memory_format=torch.channels_last))
+    assert all(o.is_contiguous() for o in outs)
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs_cl)
+    for a, b in zip(outs, outs_cl):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("backend", backends(heavy=True))
 def test_channels_last_matches_reference(backend, training):

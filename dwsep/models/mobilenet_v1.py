@@ -189,6 +189,8 @@ class ReferenceDepthwiseSeparable(_BlockBase):
 
 class _MobileNetV1Base(nn.Module):
     _block_cls: type[_BlockBase]
+    # Run the body in channels_last for NCHW inputs on the CPU (see _body_input).
+    _channels_last_body_on_cpu: bool = False
 
     def __init__(
         self,
@@ -308,22 +310,40 @@ class _MobileNetV1Base(nn.Module):
     def _stem_bn_act(self, x: Tensor) -> Tensor:
         return F.relu6(self.bn1(x), inplace=True)
 
-    def forward_stem(self, x: Tensor) -> Tensor:
-        return self._stem_bn_act(self.conv_stem(self._check_input(x)))
+    def _body_input(self, x: Tensor) -> Tensor:
+        """The checked input, in channels_last where the model runs its body in that layout: on
+        the CPU, for the dwsep models (not the reference), whatever the input's layout. Every
+        CPU host measured runs the fused kernels and oneDNN's convs faster in channels_last
+        (model inference ~10% on the session-16 Intel host, training 5-10%; bench/NOTES.md),
+        as torch.compile's layout optimization also converts NCHW convs; the outputs of
+        forward_features and forward_stages are handed back in the input's layout."""
+        x = self._check_input(x)
+        if self._channels_last_body_on_cpu and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Stem and all 13 blocks: (N, num_features, ceil(H/32), ceil(W/32))."""
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self._stem_bn_act(self.conv_stem(self._body_input(x)))
+
+    def _features(self, x: Tensor) -> Tensor:
         return self.blocks(self.forward_stem(x))
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stem and all 13 blocks: (N, num_features, ceil(H/32), ceil(W/32)), in the input's
+        memory format."""
+        return self._features(x).contiguous(memory_format=memory_format(x))
+
     def forward_stages(self, x: Tensor) -> list[Tensor]:
-        """The outputs of the stages in ``out_indices`` (output strides 2, 4, 8, 16, 32)."""
-        x = self.forward_stem(x)
+        """The outputs of the stages in ``out_indices`` (output strides 2, 4, 8, 16, 32), in the
+        input's memory format."""
+        y = self.forward_stem(x)
+        fmt = memory_format(x)
         last = max(self.out_indices)
         feats = []
         for i, stage in enumerate(self.blocks):
-            x = stage(x)
+            y = stage(y)
             if i in self.out_indices:
-                feats.append(x)
+                feats.append(y.contiguous(memory_format=fmt))
             if i == last:
                 break
         return feats
@@ -343,7 +363,7 @@ class _MobileNetV1Base(nn.Module):
     def forward(self, x: Tensor) -> Union[Tensor, list[Tensor]]:
         if self.features_only:
             return self.forward_stages(x)
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._features(x))  # pooled: the layout does not matter
 
     # -- export ----------------------------------------------------------------------------
 
@@ -384,10 +404,13 @@ class MobileNetV1(_MobileNetV1Base):
     Inputs are (N, in_chans, H, W) with H, W >= 32, NCHW or channels_last, any float dtype or
     autocast. ``train()``/``eval()`` follow BatchNorm semantics: batch statistics and running
     stat updates in training; in eval the running statistics are folded into the fused kernels.
-    State-dict keys and shapes are those of timm's ``mobilenetv1_100`` family.
+    State-dict keys and shapes are those of timm's ``mobilenetv1_100`` family. On the CPU the
+    body runs in channels_last whatever the input's layout (the faster layout there); feature
+    maps come back in the input's layout.
     """
 
     _block_cls = FusedDepthwiseSeparable
+    _channels_last_body_on_cpu = True
 
     def _stem_bn_act(self, x: Tensor) -> Tensor:
         # Inference: cuDNN's (or the CPU's) conv, then dwsep's fused BN + ReLU6 kernel on the
@@ -537,11 +560,15 @@ class FrozenMobileNetV1(nn.Module):
         self.classifier = None if model.classifier is None else copy.deepcopy(model.classifier)
         self.eval()
 
+    _channels_last_body_on_cpu = True
+
     def forward_stem(self, x: Tensor) -> Tensor:
-        return self.stem(self._check_input(x))
+        return self.stem(self._body_input(x))
 
     # The rest is the model's own code (it reads only the attributes set above).
     _check_input = _MobileNetV1Base._check_input
+    _body_input = _MobileNetV1Base._body_input
+    _features = _MobileNetV1Base._features
     forward_features = _MobileNetV1Base.forward_features
     forward_stages = _MobileNetV1Base.forward_stages
     forward_head = _MobileNetV1Base.forward_head
