@@ -15,7 +15,7 @@ from ._validation import activation_code, memory_format
 from .functional import _autocast
 from .reference import apply_activation
 
-__all__ = ["FrozenConvAct", "bn_fold"]
+__all__ = ["FrozenConvAct", "bn_fold", "conv_bn_act"]
 
 
 def bn_fold(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -24,6 +24,59 @@ def bn_fold(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     mean, invstd = ops._stats(False, None, None, bn.running_mean, bn.running_var, bn.eps, acc)
     scale, shift = ops._bn_affine(mean, invstd, bn.weight, bn.bias, acc)
     return scale.contiguous(), shift.contiguous()
+
+
+# oneDNN's (attr, scalars) for the activation codes of _validation.ACTIVATIONS
+_ONEDNN_POST_OPS = {0: ("none", []), 1: ("relu", []), 2: ("hardtanh", [0.0, 6.0])}
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
+
+
+@backends._constant_under_compile
+def onednn_post_ops() -> bool:
+    """Whether ATen's fused oneDNN convolution + eltwise op (``mkldnn::_convolution_pointwise``,
+    what torch.compile's CPU backend emits for conv + unary) can run: oneDNN built and enabled,
+    and the op present in this torch. A constant under torch.compile."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    )
+
+
+def conv_bn_act(
+    x: Tensor,
+    w: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    stride: int,
+    padding,
+    dilation,
+    groups: int,
+    act: int,
+    backend: str,
+) -> Tensor:
+    """Any conv (no bias), then the folded BN (per-channel ``scale``, ``shift``) and the
+    activation, for inference on a kernel backend: on the ``cpu`` backend in fp32, one oneDNN
+    convolution with the BN folded into its weights and bias and the activation as a post-op
+    (one pass over the output instead of two); otherwise the conv, then the backend's fused
+    BN + activation kernel."""
+    if (
+        backend == "cpu"
+        and x.dtype == torch.float32
+        and not isinstance(padding, str)
+        and onednn_post_ops()
+    ):
+        attr, scalars = _ONEDNN_POST_OPS[act]
+        wf = (w * scale.view(-1, 1, 1, 1)).contiguous()
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, wf, shift, _pair(padding), _pair(stride), _pair(dilation), groups, attr, scalars, ""
+        )
+    x = F.conv2d(x, w, None, stride, padding, dilation, groups)
+    x = x.contiguous(memory_format=memory_format(x))
+    return ops.op_table(backend).bn_act(x, scale, shift, act)
 
 
 class FrozenConvAct(nn.Module):
@@ -61,18 +114,21 @@ class FrozenConvAct(nn.Module):
         x, w = _autocast(x, self.weight)  # as the fused ops and F.conv2d do under autocast
         acc = ops.acc_dtype(x.dtype)
         scale, shift = ops._as(self.scale, acc), ops._as(self.shift, acc)
-        if self.kind == "stem":
-            x = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
         backend = backends.resolve(x.device, "frozen conv + BN + act", x.dtype)
         if backend != "torch" and not (torch.is_grad_enabled() and x.requires_grad):
+            if self.kind == "stem":
+                return conv_bn_act(
+                    x, w, scale, shift, self.stride, self.padding, self.dilation, self.groups,
+                    self.act, backend,
+                )  # fmt: skip
             table = ops.op_table(backend)
             x = x.contiguous(memory_format=memory_format(x))
             if self.kind == "dw":
                 return table.dw_fwd(x, w, scale, shift, self.stride, self.act)
-            if self.kind == "pw":
-                return table.pw_fwd(x, w, scale, shift, self.act)
-            return table.bn_act(x, scale, shift, self.act)
-        if self.kind == "dw":
+            return table.pw_fwd(x, w, scale, shift, self.act)
+        if self.kind == "stem":
+            x = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+        elif self.kind == "dw":
             x = F.conv2d(x, w, None, self.stride, 1, 1, x.shape[1])
         elif self.kind == "pw":
             x = F.conv2d(x, w[:, :, None, None])

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from .. import backends, ops
 from .._validation import memory_format
-from ..frozen import FrozenConvAct, bn_fold
+from ..frozen import FrozenConvAct, bn_fold, conv_bn_act
+from ..functional import _autocast
 from ..nn import DepthwiseConvBNAct, PointwiseConvBNAct
 from ..shapes import BLOCKS, STAGE_SIZES, STEM_CHANNELS, channels, conv_out, mobilenet_v1_layers
 
@@ -412,22 +413,26 @@ class MobileNetV1(_MobileNetV1Base):
     _block_cls = FusedDepthwiseSeparable
     _channels_last_body_on_cpu = True
 
-    def _stem_bn_act(self, x: Tensor) -> Tensor:
-        # Inference: cuDNN's (or the CPU's) conv, then dwsep's fused BN + ReLU6 kernel on the
-        # kernel backends. Training, or eval with autograd recording, use BatchNorm2d + ReLU6.
-        bn = self.bn1
-        if (
+    def forward_stem(self, x: Tensor) -> Tensor:
+        # Inference on a kernel backend: cuDNN's (or the CPU's) conv, then dwsep's fused BN +
+        # ReLU6 kernel; on the cpu backend in fp32 the three as one oneDNN primitive
+        # (frozen.conv_bn_act). Training, or eval with autograd recording, use BatchNorm2d.
+        x = self._body_input(x)
+        conv, bn = self.conv_stem, self.bn1
+        if not (
             self.training
             or bn.running_mean is None
-            or (torch.is_grad_enabled() and x.requires_grad)
+            or (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
         ):
-            return F.relu6(bn(x), inplace=True)
-        backend = backends.resolve(x.device, "bn_act", x.dtype)
-        if backend == "torch":
-            return F.relu6(bn(x), inplace=True)
-        scale, shift = bn_fold(bn, ops.acc_dtype(x.dtype))
-        x = x.contiguous(memory_format=memory_format(x))
-        return ops.op_table(backend).bn_act(x, scale, shift, 2)
+            x, w = _autocast(x, conv.weight)
+            backend = backends.resolve(x.device, "bn_act", x.dtype)
+            if backend != "torch":
+                scale, shift = bn_fold(bn, ops.acc_dtype(x.dtype))
+                return conv_bn_act(
+                    x, w, scale, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
+                    2, backend,
+                )  # fmt: skip
+        return self._stem_bn_act(conv(x))
 
 
 class ReferenceMobileNetV1(_MobileNetV1Base):
