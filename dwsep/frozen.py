@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, ops
-from ._validation import activation_code, memory_format
+from ._validation import ACTIVATIONS, activation_code, memory_format
 from .functional import _autocast
 from .reference import apply_activation
 
@@ -24,26 +24,6 @@ def bn_fold(bn: nn.BatchNorm2d, acc: torch.dtype) -> tuple[Tensor, Tensor]:
     mean, invstd = ops._stats(False, None, None, bn.running_mean, bn.running_var, bn.eps, acc)
     scale, shift = ops._bn_affine(mean, invstd, bn.weight, bn.bias, acc)
     return scale.contiguous(), shift.contiguous()
-
-
-# oneDNN's (attr, scalars) for the activation codes of _validation.ACTIVATIONS
-_ONEDNN_POST_OPS = {0: ("none", []), 1: ("relu", []), 2: ("hardtanh", [0.0, 6.0])}
-
-
-def _pair(v) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]
-
-
-@backends._constant_under_compile
-def onednn_post_ops() -> bool:
-    """Whether ATen's fused oneDNN convolution + eltwise op (``mkldnn::_convolution_pointwise``,
-    what torch.compile's CPU backend emits for conv + unary) can run: oneDNN built and enabled,
-    and the op present in this torch. A constant under torch.compile."""
-    return (
-        torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-    )
 
 
 def conv_bn_act(
@@ -59,21 +39,16 @@ def conv_bn_act(
     backend: str,
 ) -> Tensor:
     """Any conv (no bias), then the folded BN (per-channel ``scale``, ``shift``) and the
-    activation, for inference on a kernel backend: on the ``cpu`` backend in fp32, one oneDNN
-    convolution with the BN folded into its weights and bias and the activation as a post-op
-    (one pass over the output instead of two); otherwise the conv, then the backend's fused
-    BN + activation kernel."""
-    if (
-        backend == "cpu"
-        and x.dtype == torch.float32
-        and not isinstance(padding, str)
-        and onednn_post_ops()
-    ):
-        attr, scalars = _ONEDNN_POST_OPS[act]
-        wf = (w * scale.view(-1, 1, 1, 1)).contiguous()
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, wf, shift, _pair(padding), _pair(stride), _pair(dilation), groups, attr, scalars, ""
-        )
+    activation, for inference on a kernel backend. On the ``cpu`` backend in fp32: one
+    convolution with the BN folded into its weights and bias, then the activation in place (a
+    read and a write of the output fewer than the conv, then dwsep's fused BN + activation
+    kernel; oneDNN's own activation post-ops would save one more but turn NaN into 0 or 6).
+    Otherwise: the conv, then the backend's fused BN + activation kernel."""
+    if backend == "cpu" and x.dtype == torch.float32:
+        y = F.conv2d(x, w * scale.view(-1, 1, 1, 1), shift, stride, padding, dilation, groups)
+        if act == ACTIVATIONS["relu"]:
+            return y.relu_()
+        return y.clamp_(0.0, 6.0) if act == ACTIVATIONS["relu6"] else y
     x = F.conv2d(x, w, None, stride, padding, dilation, groups)
     x = x.contiguous(memory_format=memory_format(x))
     return ops.op_table(backend).bn_act(x, scale, shift, act)

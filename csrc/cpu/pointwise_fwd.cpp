@@ -17,8 +17,6 @@
 #include <torch/library.h>
 
 #include <ATen/Context.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 #include <ATen/ops/clamp.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/mul.h>
@@ -198,52 +196,15 @@ bool use_onednn(const PwShape& s, at::ScalarType dtype) {
   return s.nhwc || s.HW < kOnednnMaxNchwPlane;
 }
 
-// y = act(conv2d(x, w) + b) as one oneDNN primitive with the activation as an eltwise post-op,
-// through ATen's mkldnn::_convolution_pointwise (the op torch.compile's CPU backend fuses conv +
-// unary into; the same schema from torch 2.0 to 2.14). Called boxed, so its C++ argument types
-// need not match across torch versions; an undefined tensor when this torch has no such op.
-at::Tensor conv1x1_act_fused(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                             int64_t act) {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findOp({"mkldnn::_convolution_pointwise", ""});
-  if (!op.has_value()) return at::Tensor();
-  c10::List<std::optional<at::Scalar>> scalars;
-  const char* attr = "none";
-  if (act == kActRelu) {
-    attr = "relu";
-  } else if (act == kActRelu6) {
-    attr = "hardtanh";
-    scalars.push_back(at::Scalar(0.0));
-    scalars.push_back(at::Scalar(6.0));
-  }
-  torch::jit::Stack stack;
-  stack.reserve(10);
-  stack.emplace_back(x);
-  stack.emplace_back(w);
-  stack.emplace_back(b);
-  stack.emplace_back(std::vector<int64_t>{0, 0});  // padding
-  stack.emplace_back(std::vector<int64_t>{1, 1});  // stride
-  stack.emplace_back(std::vector<int64_t>{1, 1});  // dilation
-  stack.emplace_back(int64_t{1});                  // groups
-  stack.emplace_back(std::string(attr));
-  stack.emplace_back(scalars);
-  stack.emplace_back(std::string(""));  // algorithm (for gelu)
-  op->callBoxed(&stack);
-  return stack.back().toTensor();
-}
-
 at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                          const at::Tensor& shift, int64_t act, const PwShape& s) {
   at::NoGradGuard no_grad;
   const at::Tensor wf = at::mul(weight, scale.unsqueeze(1)).view({s.Cout, s.Cin, 1, 1});
-  at::Tensor y = conv1x1_act_fused(x, wf, shift, act);
-  if (!y.defined()) {  // no fused op in this torch: the activation as one more in-place pass
-    y = at::conv2d(x, wf, shift);
-    if (act == kActRelu) {
-      y.relu_();
-    } else if (act == kActRelu6) {
-      y.clamp_(0, 6);
-    }
+  at::Tensor y = at::conv2d(x, wf, shift);
+  if (act == kActRelu) {
+    y.relu_();
+  } else if (act == kActRelu6) {
+    y.clamp_(0, 6);
   }
   const auto fmt = memory_format(s.nhwc);
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
