@@ -250,6 +250,20 @@ def _activation_of(module: Optional[nn.Module]) -> Optional[str]:
     return None
 
 
+def _fused_call(
+    kind: str, x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, activation: Optional[str]
+) -> Tensor:
+    """The fused op of a (conv, bn) pair of ``kind`` (see _fusable_kind), with BatchNorm
+    following ``bn``'s own ``training`` flag as nn.BatchNorm2d does."""
+    args = _bn_forward_args(bn, bn)
+    if kind == "depthwise":
+        stride = int(conv.stride[0])
+        return DF.depthwise_conv_bn_act(
+            x, conv.weight, stride=stride, activation=activation, **args
+        )
+    return DF.pointwise_conv_bn_act(x, conv.weight, activation=activation, **args)
+
+
 def _plan(seq: nn.Sequential) -> list[tuple]:
     """The steps of a Sequential: ("module", name) or ("fused", kind, conv, bn, act or None,
     activation) for each Conv2d + BatchNorm2d (+ ReLU6 / ReLU) run the fused ops can compute."""
@@ -311,14 +325,7 @@ class FusedSequential(nn.Sequential):
                 x = mods[step[1]](x)
                 continue
             _, kind, conv_name, bn_name, _act_name, activation = step
-            conv, bn = mods[conv_name], mods[bn_name]
-            args = _bn_forward_args(bn, bn)
-            if kind == "depthwise":
-                x = DF.depthwise_conv_bn_act(
-                    x, conv.weight, stride=int(conv.stride[0]), activation=activation, **args
-                )
-            else:
-                x = DF.pointwise_conv_bn_act(x, conv.weight, activation=activation, **args)
+            x = _fused_call(kind, x, mods[conv_name], mods[bn_name], activation)
         return x
 
     def extra_repr(self) -> str:
@@ -372,7 +379,7 @@ class _ChildCallTracer(torch.fx.Tracer):
         return True
 
 
-def _pairs_in_graph(module: nn.Module, graph: torch.fx.Graph) -> set[tuple[str, str]]:
+def _pairs_in_graph(graph: torch.fx.Graph) -> set[tuple[str, str]]:
     """(conv, bn) child names where the conv's only use is as the only argument of the bn's
     call, and each of the two is called once and touched nowhere else in the forward."""
     uses: dict[str, int] = {}
@@ -413,7 +420,7 @@ def _traced_pairs(module: nn.Module) -> set[tuple[str, str]]:
                 graph = _ChildCallTracer().trace(module)
             except Exception:  # untraceable forward: nothing is fused in this module
                 return set()
-            pairs = _pairs_in_graph(module, graph)
+            pairs = _pairs_in_graph(graph)
             found = pairs if found is None else found & pairs
     finally:
         module.training = was
@@ -456,17 +463,7 @@ class FusedConv2d(nn.Conv2d):
         pair = self._dwsep_pair
         if not pair.intact():
             return nn.Conv2d.forward(self, x)
-        bn = pair.norm
-        args = _bn_forward_args(bn, bn)
-        if self._dwsep_kind == "depthwise":
-            return DF.depthwise_conv_bn_act(
-                x,
-                self.weight,
-                stride=int(self.stride[0]),
-                activation=self._dwsep_activation,
-                **args,
-            )
-        return DF.pointwise_conv_bn_act(x, self.weight, activation=self._dwsep_activation, **args)
+        return _fused_call(self._dwsep_kind, x, self, pair.norm, self._dwsep_activation)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, fused with BN, activation={self._dwsep_activation!r}"

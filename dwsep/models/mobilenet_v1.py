@@ -415,8 +415,9 @@ class MobileNetV1(_MobileNetV1Base):
 
     def forward_stem(self, x: Tensor) -> Tensor:
         # Inference on a kernel backend: cuDNN's (or the CPU's) conv, then dwsep's fused BN +
-        # ReLU6 kernel; on the cpu backend in fp32 the three as one oneDNN primitive
-        # (frozen.conv_bn_act). Training, or eval with autograd recording, use BatchNorm2d.
+        # ReLU6 kernel; on the cpu backend in fp32 the BN folded into the conv's weights and
+        # bias, then ReLU6 in place (frozen.conv_bn_act). Training, or eval with autograd
+        # recording, use BatchNorm2d.
         x = self._body_input(x)
         conv, bn = self.conv_stem, self.bn1
         if not (
