@@ -63,13 +63,21 @@ def test_inference_without_grad_and_no_affine(backend, device, training):
 
 @pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "no-onednn"])
 @pytest.mark.parametrize(
-    ("layout", "hw"), [("contiguous", (5, 6)), ("contiguous", (28, 29)), ("channels_last", (5, 6))]
+    ("layout", "hw"),
+    [
+        ("contiguous", (5, 6)),
+        ("contiguous", (28, 29)),
+        ("channels_last", (5, 6)),
+        ("channels_last", (15, 14)),
+    ],
 )
 def test_cpu_forward_paths(mkldnn, layout, hw):
-    """The CPU pw_fwd and pw_fwd_stats have two fp32 paths: oneDNN's convolution (on BN-folded
+    """The CPU pw_fwd and pw_fwd_stats have three fp32 paths: oneDNN's convolution (on BN-folded
     weights in inference; z, then the per-block statistics of z, in training) for channels_last
-    and NCHW planes under 28x28, and block-wise sgemm + fused epilogue (NCHW planes from 28x28,
-    and whenever oneDNN is disabled). Both against the oracle, every activation, inference and
+    planes over 14x14 and NCHW planes under 28x28; one at::mm over the (N*H*W, Cin) matrix, then
+    the shift and activation (or the statistics) in one pass, for channels_last planes up to
+    14x14; and block-wise sgemm + fused epilogue (NCHW planes from 28x28, and whenever oneDNN is
+    disabled). Both against the oracle, every activation, inference and
     training (batch statistics, running statistics, every gradient), outputs on both sides of
     ReLU6's kinks."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")

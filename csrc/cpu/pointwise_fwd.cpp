@@ -22,6 +22,8 @@
 #include <ATen/ops/mul.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/unsqueeze.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 
 #include "cpu/depthwise_common.h"
@@ -32,6 +34,9 @@ namespace {
 
 // NCHW planes below this many pixels go to oneDNN (see use_onednn).
 constexpr int64_t kOnednnMaxNchwPlane = 28 * 28;
+// channels_last planes up to this many pixels take one at::mm plus a bias/activation pass
+// instead of oneDNN's 1x1 convolution (see pw_fwd_onednn).
+constexpr int64_t kMmMaxNhwcPlane = 14 * 14;
 
 template <typename T>
 at::Tensor acc_weight(const at::Tensor& weight) {
@@ -196,11 +201,56 @@ bool use_onednn(const PwShape& s, at::ScalarType dtype) {
   return s.nhwc || s.HW < kOnednnMaxNchwPlane;
 }
 
+// In place over the rows of a row-major (M, C) fp32 matrix: y = act(y + b), one vectorized pass,
+// parallel over rows (NaN propagates, see act_vec).
+template <int kAct>
+void bias_act_rows(float* y, const float* b, int64_t M, int64_t C) {
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kV = Vec::size();
+  const int64_t Cp = round_up(C, kV);
+  std::vector<float> bp(b, b + C);
+  bp.resize(Cp, 0.f);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Cp), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* yr = y + r * C;
+      int64_t c = 0;
+      for (; c + kV <= C; c += kV)
+        act_vec<kAct>(Vec::loadu(yr + c) + Vec::loadu(bp.data() + c)).store(yr + c);
+      if (c < C)
+        act_vec<kAct>(Vec::loadu(yr + c, C - c) + Vec::loadu(bp.data() + c)).store(yr + c, C - c);
+    }
+  });
+}
+
+// Small channels_last planes (HW <= kMmMaxNhwcPlane): the 1x1 convolution as one at::mm over
+// the (N*HW, Cin) matrix, returned as the channels_last (N, Cout, H, W) tensor. At 14x14 and
+// 7x7 torch's multi-threaded GEMM beats oneDNN's 1x1 convolution (by 5% and 20-25% on the 2-core
+// Intel Xeon host, MobileNetV1's shapes at batch 8; bench/NOTES.md, session 17).
+bool use_mm_nhwc(const PwShape& s) {
+  return s.nhwc && s.HW <= kMmMaxNhwcPlane;
+}
+
+at::Tensor conv1x1_mm_nhwc(const at::Tensor& x, const at::Tensor& w, const PwShape& s) {
+  at::Tensor y = at::empty({s.N, s.H, s.W, s.Cout}, x.options());
+  at::Tensor y2 = y.view({s.N * s.HW, s.Cout});
+  at::mm_out(y2, x.permute({0, 2, 3, 1}).reshape({s.N * s.HW, s.Cin}), w.t());
+  return y.permute({0, 3, 1, 2});
+}
+
 at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                          const at::Tensor& shift, int64_t act, const PwShape& s) {
   at::NoGradGuard no_grad;
-  const at::Tensor wf = at::mul(weight, scale.unsqueeze(1)).view({s.Cout, s.Cin, 1, 1});
-  at::Tensor y = at::conv2d(x, wf, shift);
+  const at::Tensor wf = at::mul(weight, scale.unsqueeze(1));
+  if (use_mm_nhwc(s)) {  // the GEMM, then the shift and the activation in one pass over y
+    const at::Tensor b = shift.contiguous();
+    at::Tensor y = conv1x1_mm_nhwc(x, wf, s);
+    dispatch_act(act, [&](auto A) {
+      bias_act_rows<decltype(A)::value>(y.mutable_data_ptr<float>(), b.const_data_ptr<float>(),
+                                        s.N * s.HW, s.Cout);
+    });
+    return y;
+  }
+  at::Tensor y = at::conv2d(x, wf.view({s.Cout, s.Cin, 1, 1}), shift);
   if (act == kActRelu) {
     y.relu_();
   } else if (act == kActRelu6) {
@@ -210,9 +260,10 @@ at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at
   return y.is_contiguous(fmt) ? y : y.contiguous(fmt);
 }
 
-// Training forward on the same oneDNN path (fp32, where use_onednn): z = conv2d(x, W), then the
-// per-block moments over the fixed PwBlocks blocks of z (the same partials, merged in the same
-// order, as the block-wise path). Measured on the 2-core dev host, channels_last, batch 8
+// Training forward on the same oneDNN path (fp32, where use_onednn): z = conv2d(x, W) (or
+// conv1x1_mm_nhwc's at::mm on small channels_last planes), then the per-block moments over the
+// fixed PwBlocks blocks of z (the same partials, merged in the same order, as the block-wise
+// path). Measured on the 2-core dev host, channels_last, batch 8
 // (bench/NOTES.md).
 template <typename Acc>
 at::Tensor pw_fwd_stats_onednn(const at::Tensor& x, const at::Tensor& weight, Acc* pmean, Acc* pm2,
@@ -220,7 +271,8 @@ at::Tensor pw_fwd_stats_onednn(const at::Tensor& x, const at::Tensor& weight, Ac
   at::Tensor z;
   {
     at::NoGradGuard no_grad;
-    z = at::conv2d(x, weight.view({s.Cout, s.Cin, 1, 1}));
+    z = use_mm_nhwc(s) ? conv1x1_mm_nhwc(x, weight, s)
+                       : at::conv2d(x, weight.view({s.Cout, s.Cin, 1, 1}));
   }
   const auto fmt = memory_format(s.nhwc);
   if (!z.is_contiguous(fmt)) z = z.contiguous(fmt);
