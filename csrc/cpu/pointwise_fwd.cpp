@@ -201,23 +201,30 @@ bool use_onednn(const PwShape& s, at::ScalarType dtype) {
   return s.nhwc || s.HW < kOnednnMaxNchwPlane;
 }
 
-// In place over the rows of a row-major (M, C) fp32 matrix: y = act(y + b), one vectorized pass,
-// parallel over rows (NaN propagates, see act_vec).
+// In place over the rows of a row-major (M, C) fp32 matrix: y = act(y * scale + shift), one
+// vectorized pass, parallel over rows (NaN propagates, see act_vec).
 template <int kAct>
-void bias_act_rows(float* y, const float* b, int64_t M, int64_t C) {
+void scale_shift_act_rows(float* y, const float* scale, const float* shift, int64_t M, int64_t C) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t kV = Vec::size();
   const int64_t Cp = round_up(C, kV);
-  std::vector<float> bp(b, b + C);
-  bp.resize(Cp, 0.f);
+  std::vector<float> sc(scale, scale + C), sh(shift, shift + C);
+  sc.resize(Cp, 0.f);
+  sh.resize(Cp, 0.f);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Cp), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* yr = y + r * C;
       int64_t c = 0;
-      for (; c + kV <= C; c += kV)
-        act_vec<kAct>(Vec::loadu(yr + c) + Vec::loadu(bp.data() + c)).store(yr + c);
-      if (c < C)
-        act_vec<kAct>(Vec::loadu(yr + c, C - c) + Vec::loadu(bp.data() + c)).store(yr + c, C - c);
+      for (; c + kV <= C; c += kV) {
+        const Vec v = at::vec::fmadd(Vec::loadu(yr + c), Vec::loadu(sc.data() + c),
+                                     Vec::loadu(sh.data() + c));
+        act_vec<kAct>(v).store(yr + c);
+      }
+      if (c < C) {
+        const Vec v = at::vec::fmadd(Vec::loadu(yr + c, C - c), Vec::loadu(sc.data() + c),
+                                     Vec::loadu(sh.data() + c));
+        act_vec<kAct>(v).store(yr + c, C - c);
+      }
     }
   });
 }
@@ -240,16 +247,18 @@ at::Tensor conv1x1_mm_nhwc(const at::Tensor& x, const at::Tensor& w, const PwSha
 at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                          const at::Tensor& shift, int64_t act, const PwShape& s) {
   at::NoGradGuard no_grad;
-  const at::Tensor wf = at::mul(weight, scale.unsqueeze(1));
-  if (use_mm_nhwc(s)) {  // the GEMM, then the shift and the activation in one pass over y
-    const at::Tensor b = shift.contiguous();
-    at::Tensor y = conv1x1_mm_nhwc(x, wf, s);
+  if (use_mm_nhwc(s)) {
+    // The GEMM on the weights as they are, then the BN and the activation in one pass over y
+    // (folding the BN into the weights would cost a pass over the largest weights, 1024x1024).
+    at::Tensor y = conv1x1_mm_nhwc(x, weight, s);
     dispatch_act(act, [&](auto A) {
-      bias_act_rows<decltype(A)::value>(y.mutable_data_ptr<float>(), b.const_data_ptr<float>(),
-                                        s.N * s.HW, s.Cout);
+      scale_shift_act_rows<decltype(A)::value>(y.mutable_data_ptr<float>(),
+                                               scale.const_data_ptr<float>(),
+                                               shift.const_data_ptr<float>(), s.N * s.HW, s.Cout);
     });
     return y;
   }
+  const at::Tensor wf = at::mul(weight, scale.unsqueeze(1));
   at::Tensor y = at::conv2d(x, wf.view({s.Cout, s.Cin, 1, 1}), shift);
   if (act == kActRelu) {
     y.relu_();
