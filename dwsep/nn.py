@@ -624,7 +624,8 @@ def freeze(model: nn.Module) -> nn.Module:
     then each fused run, and each :class:`DepthwiseConvBNAct` / :class:`PointwiseConvBNAct`,
     becomes one ``FrozenConvAct``: the conv weight and the BN folded into a per-channel scale
     and shift, as buffers, so a forward is one kernel launch per layer with no per-call BN
-    folding or checks (what :meth:`dwsep.MobileNetV1.freeze` does for that model). Same outputs
+    folding or checks; a :class:`dwsep.MobileNetV1` anywhere in ``model`` becomes its
+    :meth:`~dwsep.MobileNetV1.freeze` (a ``FrozenMobileNetV1``). Same outputs
     as the converted model in eval on the same backend. The frozen layers are a snapshot:
     training or loading weights into the original does not change them, and their
     ``state_dict`` keys differ from the original's (``<conv name>.weight``, ``.scale``,
@@ -632,9 +633,13 @@ def freeze(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"freeze: model must be an nn.Module, got {type(model).__name__}")
+    from .models.mobilenet_v1 import MobileNetV1  # here: the models module imports this one
+
     frozen = fuse_conv_bn_act(copy.deepcopy(model))
 
     def convert(module: nn.Module) -> nn.Module:
+        if isinstance(module, MobileNetV1):  # also as a part, e.g. a detector's backbone
+            return module.freeze()
         if isinstance(module, (DepthwiseConvBNAct, PointwiseConvBNAct)):
             kind = "dw" if isinstance(module, DepthwiseConvBNAct) else "pw"
             return FrozenConvAct(kind, module.conv, module.bn, module.activation)

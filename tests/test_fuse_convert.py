@@ -14,6 +14,7 @@ from op_harness import backend_params
 from torch import nn
 
 import dwsep
+from dwsep.models.mobilenet_v1 import FrozenMobileNetV1
 from dwsep.nn import AbsorbedBatchNorm2d, FusedConv2d, FusedSequential, fuse_conv_bn_act
 
 CPU_KERNEL_BACKENDS = [p for p in backend_params(include_torch=True) if p.values[1] == "cpu"]
@@ -306,6 +307,39 @@ def test_freeze_matches_converted_model_in_eval(backend, device):
         for p in original.parameters():
             p.add_(1.0)
         torch.testing.assert_close(frozen(x), before)
+
+
+class _Detector(nn.Module):
+    """A dwsep.MobileNetV1 used as a part: feature maps into a conv + BN + ReLU6 head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = dwsep.MobileNetV1(alpha=0.25, features_only=True, out_indices=(3, 4))
+        self.head = nn.Sequential(
+            nn.Conv2d(256, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)
+        )
+
+    def forward(self, x):
+        small, last = self.backbone(x)
+        return self.head(last).mean((2, 3)) + small.mean((1, 2, 3))[:, None]
+
+
+@pytest.mark.parametrize(("backend", "device"), CPU_KERNEL_BACKENDS)
+def test_freeze_turns_a_mobilenet_v1_part_into_its_frozen_model(backend, device):
+    """dwsep.nn.freeze on a model holding a dwsep.MobileNetV1: that part becomes its own
+    freeze() (no BatchNorm left anywhere, no per-call folding), same eval outputs."""
+    torch.manual_seed(0)
+    model = _Detector().double()
+    randomize_bn(model, seed=2)
+    frozen = dwsep.nn.freeze(model)
+    assert isinstance(frozen.backbone, FrozenMobileNetV1)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert isinstance(model.backbone, dwsep.MobileNetV1) and model.training  # untouched
+    x = torch.randn(2, 3, 40, 36, dtype=torch.float64)
+    with dwsep.use_backend(backend), torch.no_grad():
+        torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-10, atol=1e-12)
+    alone = dwsep.nn.freeze(dwsep.MobileNetV1(alpha=0.25))
+    assert isinstance(alone, FrozenMobileNetV1) and not alone.training
 
 
 def test_freeze_refuses_bn_without_running_stats():
