@@ -933,6 +933,115 @@ def test_freeze(backend, layout):
     assert len(outs) == 2 and all(rel_err(a, b) < 1e-6 for a, b in zip(outs, expect))
 
 
+class CountFusedCalls:
+    """Counts the layer-by-layer calls of the fused ops made through dwsep.nn's modules (the
+    path the model takes unless its folded inference path applies)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("depthwise_conv_bn_act", "pointwise_conv_bn_act"):
+            fn = getattr(dwsep.nn.DF, name)
+            monkeypatch.setattr(dwsep.nn.DF, name, self._counting(fn))
+
+    def _counting(self, fn):
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", backends(heavy=True))
+def test_eval_inference_folds_every_bn_at_once(backend, dtype, layout, monkeypatch):
+    """Eval under no_grad on a kernel backend folds all 27 BNs in one batch of multi-tensor ops
+    and runs the kernels directly: the same outputs as the layer-by-layer path (forced by a
+    hook) and as the reference, for forward, forward_features and features_only; every
+    weight or statistic change shows at once (nothing cached); different eps per BN."""
+    alpha, res = small_config(backend)
+    model, ref = make_pair(alpha, dtype=dtype)
+    staged = MobileNetV1(alpha=alpha, features_only=True, out_indices=(1, 4)).to(dtype).eval()
+    staged.load_state_dict({k: v for k, v in model.state_dict().items() if "classifier" not in k})
+    for m in (model, ref, staged):
+        bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        for i, bn in enumerate(bns):
+            bn.eps = 1e-5 * (1 + i % 4)
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, res, res + 1, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    count = CountFusedCalls(monkeypatch)
+    tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
+    with dwsep.use_backend(backend), torch.no_grad():
+        fast = model(x)
+        feats = model.forward_features(x)
+        stages = staged(x)
+        if backend == "torch":  # the reference ops: the layer-by-layer path, as before
+            assert count.calls > 0
+            return
+        assert count.calls == 0, "the folded path was not taken"
+        hook = model.blocks[2].register_forward_pre_hook(lambda m, a: None)
+        slow = model(x)
+        assert count.calls == 26  # the hook forces the layer-by-layer path
+        hook.remove()
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+        assert rel_err(fast, ref(x)) < tol
+        assert feats.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        assert rel_err(feats, ref.forward_features(x)) < tol
+        assert [tuple(s.shape[1:2]) for s in stages] == [(32,), (256,)]
+        for s in stages:
+            assert s.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        want = ref.forward_features(x)
+        assert rel_err(stages[1], want) < tol
+        # nothing cached: a changed statistic, weight or eps takes effect on the next call
+        last = model.blocks[4][1]
+        for change in (
+            lambda: last.bn2.running_var.mul_(4.0),
+            lambda: last.conv_pw.weight.mul_(-1.0),
+            lambda: setattr(model.blocks[0][0].bn1, "eps", 0.5),
+        ):
+            change()
+            with dwsep.use_backend("torch"):
+                expect = model(x)
+            assert rel_err(model(x), expect) < tol
+        assert count.calls == 26 + 26 * 3  # the torch backend ran layer by layer
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "cpu"])
+def test_eval_falls_back_to_layer_by_layer(backend, monkeypatch):
+    """Where the folded path does not apply, the model runs layer by layer as before: grad mode
+    on, a block in training mode (its BNs update their statistics), hooks on a block (they
+    run), BN buffers not in the kernels' float32 (half model), a replaced submodule (rebound
+    and checked first)."""
+    model, ref = make_pair(0.25, dtype=torch.float32)
+    model.eval(), ref.eval()
+    x = torch.randn(2, 3, 64, 64)
+    count = CountFusedCalls(monkeypatch)
+    with dwsep.use_backend(backend):
+        expect = ref(x)
+        assert rel_err(model(x), expect) < FP32_TOL  # grad mode on
+        assert count.calls == 26
+        with torch.no_grad():
+            model.blocks[1][0].train()
+            before = model.blocks[1][0].bn1.running_mean.clone()
+            model(x)
+            assert not torch.equal(model.blocks[1][0].bn1.running_mean, before)
+            assert count.calls == 52
+            model.blocks[1][0].eval()
+            seen = []
+            hook = model.blocks[3][2].register_forward_hook(lambda m, a, y: seen.append(y.shape))
+            model(x)
+            hook.remove()
+            assert count.calls == 78 and len(seen) == 1
+            half = copy.deepcopy(model).half()
+            half(x.half())
+            assert count.calls == 104
+            model.blocks[0][0].conv_pw = torch.nn.Conv2d(8, 16, 3, padding=1, bias=False)
+            with pytest.raises(ValueError, match="must be a 1x1 conv"):
+                model(x)
+
+
 def test_freeze_compile_and_autocast():
     """The frozen model through torch.compile(fullgraph=True) and under CPU bf16 autocast."""
     model, ref = make_pair(0.25, dtype=torch.float32)

@@ -121,6 +121,11 @@ def _init_weights(model: nn.Module) -> None:
 # Blocks
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward (pre-)hooks."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class _BlockBase(nn.Module):
     """Depthwise 3x3 + BN + ReLU6, then pointwise 1x1 + BN + ReLU6; timm's attribute names."""
 
@@ -160,16 +165,20 @@ class FusedDepthwiseSeparable(_BlockBase):
             m.train(mode)
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _bound(self) -> bool:
+        """Whether the fused wrappers still hold this block's own conv / BN modules."""
         dw, pw = self._fused
-        if (
-            dw.conv is not self.conv_dw
-            or dw.bn is not self.bn1
-            or pw.conv is not self.conv_pw
-            or pw.bn is not self.bn2
-        ):
+        return (
+            dw.conv is self.conv_dw
+            and dw.bn is self.bn1
+            and pw.conv is self.conv_pw
+            and pw.bn is self.bn2
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._bound():
             self._bind()
-            dw, pw = self._fused
+        dw, pw = self._fused
         return pw(dw(x))
 
     def extra_repr(self) -> str:
@@ -372,9 +381,10 @@ class _MobileNetV1Base(nn.Module):
     def freeze(self) -> FrozenMobileNetV1:
         """An inference-only copy on dwsep's fused kernels with every BatchNorm folded, once,
         into the per-channel (scale, shift) the kernels take: each layer is then one kernel
-        launch with no per-call folding (the eval model folds on every call: a few small
-        launches per layer, which is what bounds it on a GPU host). A snapshot: later changes
-        to ``self`` do not reach it. Same outputs as ``self.eval()`` on the same backend."""
+        launch with no per-call folding (the eval model folds every BN on every call: under
+        no_grad in four multi-tensor ops for the whole network, with autograd recording a few
+        small ops per layer). A snapshot: later changes to ``self`` do not reach it. Same
+        outputs as ``self.eval()`` on the same backend."""
         return FrozenMobileNetV1(self)
 
     @torch.no_grad()
@@ -434,6 +444,101 @@ class MobileNetV1(_MobileNetV1Base):
                     2, backend,
                 )  # fmt: skip
         return self._stem_bn_act(conv(x))
+
+    # -- inference: every BN folded in one batch of multi-tensor ops -------------------------
+
+    def _inference_folds(self, x: Tensor) -> Optional[tuple[str, list[Tensor], list[Tensor]]]:
+        """``(backend, scales, shifts)`` for the stem and the 26 layers when this forward is
+        pure inference on a kernel backend, else None (the forward then runs layer by layer
+        through dwsep's fused ops, as in training).
+
+        Inference here: the model and every block in eval, no autograd recording (grad mode
+        off), not being traced by torch.compile, no forward hooks on the blocks or stages
+        (nor global ones: the folded path does not call the block modules), the blocks as
+        built (each a FusedDepthwiseSeparable bound to its own conv / BN children), every BN
+        with running statistics and affine parameters in the kernels' per-channel dtype on x's
+        device. The folds are computed on every call (nothing cached, so changes to any weight
+        or statistic take effect at once) with four multi-tensor ops for all 27 BNs instead of
+        four small ops per layer: the same arithmetic as the fused ops' eval path
+        (``ops._stats`` and ``ops._bn_affine``), a fraction of the host work and launches."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if _has_hooks(self.blocks) or nn.modules.module._global_forward_hooks:
+            return None
+        if nn.modules.module._global_forward_pre_hooks:
+            return None
+        blocks = []
+        for stage in self.blocks:
+            if type(stage) is not nn.Sequential or _has_hooks(stage):
+                return None
+            for block in stage:
+                if type(block) is not FusedDepthwiseSeparable or block.training:
+                    return None
+                if _has_hooks(block) or not block._bound():
+                    return None
+                blocks.append(block)
+        xd, wd = _autocast(x, self.conv_stem.weight)
+        dtype, acc = xd.dtype, ops.acc_dtype(xd.dtype)
+        backend = backends.resolve(x.device, "MobileNetV1", dtype)
+        if backend == "torch":
+            return None
+        bns = [self.bn1] + [bn for b in blocks for bn in (b.bn1, b.bn2)]
+        for bn in bns:
+            for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias):
+                if t is None or t.dtype != acc or t.device != x.device:
+                    return None
+        invstd = torch._foreach_add([bn.running_var for bn in bns], [float(bn.eps) for bn in bns])
+        torch._foreach_rsqrt_(invstd)
+        scales = torch._foreach_mul(invstd, [bn.weight for bn in bns])
+        means = [bn.running_mean for bn in bns]
+        shifts = torch._foreach_addcmul([bn.bias for bn in bns], means, scales, value=-1)
+        return backend, scales, shifts
+
+    def _folded_body(
+        self, x: Tensor, folds: tuple[str, list[Tensor], list[Tensor]], stages: Sequence[int]
+    ) -> list[Tensor]:
+        """The stem and the blocks on the folded path (see _inference_folds): the outputs of
+        the stages in ``stages``, up to the last of them."""
+        backend, scales, shifts = folds
+        table = ops.op_table(backend)
+        conv = self.conv_stem
+        x, w = _autocast(x, conv.weight)
+        y = conv_bn_act(
+            x, w, scales[0], shifts[0], conv.stride, conv.padding, conv.dilation, conv.groups,
+            2, backend,
+        )  # fmt: skip
+        y = y.contiguous(memory_format=memory_format(y))
+        outs, k, last = [], 1, max(stages)
+        for i, stage in enumerate(self.blocks):
+            for block in stage:
+                y, w = _autocast(y, block.conv_dw.weight)
+                w = w.contiguous()
+                y = table.dw_fwd(y, w, scales[k], shifts[k], block.conv_dw.stride[0], 2)
+                y, w = _autocast(y, block.conv_pw.weight)
+                w = w.reshape(w.shape[0], w.shape[1]).contiguous()
+                y = table.pw_fwd(y, w, scales[k + 1], shifts[k + 1], 2)
+                k += 2
+            if i in stages:
+                outs.append(y)
+            if i == last:
+                break
+        return outs
+
+    def _features(self, x: Tensor) -> Tensor:
+        x = self._body_input(x)
+        folds = self._inference_folds(x)
+        if folds is None:
+            return self.blocks(self.forward_stem(x))
+        return self._folded_body(x, folds, (NUM_STAGES - 1,))[0]
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        xb = self._body_input(x)
+        folds = self._inference_folds(xb)
+        if folds is None:
+            return super().forward_stages(x)
+        fmt = memory_format(x)  # the caller's layout, not the body's
+        outs = self._folded_body(xb, folds, sorted(self.out_indices))
+        return [y.contiguous(memory_format=fmt) for y in outs]
 
 
 class ReferenceMobileNetV1(_MobileNetV1Base):
