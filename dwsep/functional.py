@@ -21,15 +21,22 @@ from .ops import (
 __all__ = ["depthwise_conv_bn_act", "pointwise_conv_bn_act"]
 
 
-def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Under autocast, run the conv in the autocast dtype (BN tensors stay as they are),
-    as F.conv2d would."""
+def _autocast_dtype(x: Tensor, weight: Tensor) -> Optional[torch.dtype]:
+    """Autocast's dtype when autocast applies to the conv of x and weight (as to F.conv2d),
+    else None."""
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         if x.dtype in (torch.float32, dtype) and weight.dtype in (torch.float32, dtype):
-            return x.to(dtype), weight.to(dtype)
-    return x, weight
+            return dtype
+    return None
+
+
+def _autocast(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast, run the conv in the autocast dtype (BN tensors stay as they are),
+    as F.conv2d would."""
+    dtype = _autocast_dtype(x, weight)
+    return (x, weight) if dtype is None else (x.to(dtype), weight.to(dtype))
 
 
 def _update_running_stats(running_mean, running_var, mean, var, momentum, count):

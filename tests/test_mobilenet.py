@@ -1042,6 +1042,50 @@ def test_eval_falls_back_to_layer_by_layer(backend, monkeypatch):
                 model(x)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend", backends(heavy=True))
+def test_frozen_runs_its_layers_directly(backend, layout, monkeypatch):
+    """freeze()'s model calls the kernels with every layer's folded buffers, without a module
+    call per layer, when nothing needs the module path: the same outputs and stage maps as
+    module by module (forced by a hook on a layer, which then runs); an x-gradient takes the
+    module path."""
+    alpha, res = small_config(backend)
+    model, _ = make_pair(alpha, dtype=torch.float64)
+    frozen = model.eval().freeze()
+    staged = MobileNetV1(alpha=alpha, features_only=True, out_indices=(0, 2)).double()
+    staged.load_state_dict({k: v for k, v in model.state_dict().items() if "classifier" not in k})
+    staged = staged.eval().freeze()
+    calls = []
+    forward = dwsep.frozen.FrozenConvAct.forward
+    monkeypatch.setattr(
+        dwsep.frozen.FrozenConvAct, "forward", lambda m, x: calls.append(m.kind) or forward(m, x)
+    )
+    x = torch.randn(2, 3, res + 2, res, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with dwsep.use_backend(backend):
+        fast, fast_stages = frozen(x), staged(x)
+        direct = backend != "torch"
+        assert (calls == []) == direct
+        calls.clear()
+        seen = []
+        hook = frozen.blocks[1][1][0].register_forward_hook(lambda m, a, y: seen.append(1))
+        slow = frozen(x)
+        hook.remove()
+        assert seen == [1] and len(calls) == 27
+        hook = staged.blocks[0][0][1].register_forward_pre_hook(lambda m, a: None)
+        slow_stages = staged(x)
+        hook.remove()
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+        assert [s.shape[1] for s in fast_stages] == [16, 64]
+        for a, b in zip(fast_stages, slow_stages):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            assert a.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+        calls.clear()
+        frozen(x.clone().requires_grad_()).sum().backward()
+        assert len(calls) == 27  # x-gradients: the PyTorch path, module by module
+
+
 def test_freeze_compile_and_autocast():
     """The frozen model through torch.compile(fullgraph=True) and under CPU bf16 autocast."""
     model, ref = make_pair(0.25, dtype=torch.float32)

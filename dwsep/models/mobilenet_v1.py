@@ -20,9 +20,10 @@ eager/``torch.compile`` baseline for the benchmarks.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from .. import backends, ops
 from .._validation import memory_format
 from ..frozen import FrozenConvAct, bn_fold, conv_bn_act
-from ..functional import _autocast
+from ..functional import _autocast, _autocast_dtype
 from ..nn import DepthwiseConvBNAct, PointwiseConvBNAct
 from ..shapes import BLOCKS, STAGE_SIZES, STEM_CHANNELS, channels, conv_out, mobilenet_v1_layers
 
@@ -195,6 +196,79 @@ class ReferenceDepthwiseSeparable(_BlockBase):
 
 # --------------------------------------------------------------------------------------------
 # Models
+
+
+class _InferencePlan(NamedTuple):
+    """What the direct inference path runs (_run_plan): the backend; the stem conv's (weight,
+    stride, padding, dilation, groups) and activation code; per block (dw weight (C, 1, 3, 3),
+    dw stride, dw activation, pw weight (Cout, Cin), pw activation); the folded BN as
+    per-channel ``scales`` / ``shifts`` (stem first, then dw and pw of each block); and, per
+    stage, the number of blocks up to its end."""
+
+    backend: str
+    stem: tuple
+    stem_act: int
+    layers: list
+    scales: list
+    shifts: list
+    stage_ends: list
+
+
+def _no_hooks_or_tracing(module: nn.Module) -> bool:
+    """No global forward hooks, none on ``module``, and no torch.compile tracing (which keeps
+    the module-by-module path it was tested with)."""
+    mm = nn.modules.module
+    if mm._global_forward_hooks or mm._global_forward_pre_hooks or _has_hooks(module):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _run_plan(x: Tensor, plan: _InferencePlan, stages: Sequence[int]) -> list[Tensor]:
+    """The stem and the blocks straight through the backend's inference kernels, no autograd
+    (x: the body input): the outputs of the stages in ``stages``, up to the last of them.
+    Autocast is applied per layer as the fused ops apply it."""
+    backend, scales, shifts = plan.backend, plan.scales, plan.shifts
+    table = ops.op_table(backend)
+    w, stride, padding, dilation, groups = plan.stem
+    x, w = _autocast(x, w)
+    y = conv_bn_act(
+        x, w, scales[0], shifts[0], stride, padding, dilation, groups, plan.stem_act, backend
+    )
+    y = y.contiguous(memory_format=memory_format(y))
+    outs, last, stage = [], max(stages), 0
+    for i, (w_dw, stride, act_dw, w_pw, act_pw) in enumerate(plan.layers):
+        y, w = _autocast(y, w_dw)
+        y = table.dw_fwd(y, w.contiguous(), scales[2 * i + 1], shifts[2 * i + 1], stride, act_dw)
+        y, w = _autocast(y, w_pw)
+        y = table.pw_fwd(y, w.contiguous(), scales[2 * i + 2], shifts[2 * i + 2], act_pw)
+        while stage < len(plan.stage_ends) and plan.stage_ends[stage] == i + 1:
+            if stage in stages:
+                outs.append(y)
+            if stage == last:
+                return outs
+            stage += 1
+    return outs
+
+
+class _DirectInference:
+    """``_features`` and ``forward_stages`` that take the direct inference path when the
+    model's ``_inference_plan(x)`` gives a plan, and the model's module-by-module path
+    otherwise."""
+
+    def _features(self, x: Tensor) -> Tensor:
+        xb = self._body_input(x)
+        plan = self._inference_plan(xb)
+        if plan is None:
+            return _MobileNetV1Base._features(self, x)
+        return _run_plan(xb, plan, (len(plan.stage_ends) - 1,))[0]
+
+    def forward_stages(self, x: Tensor) -> list[Tensor]:
+        xb = self._body_input(x)
+        plan = self._inference_plan(xb)
+        if plan is None:
+            return _MobileNetV1Base.forward_stages(self, x)
+        fmt = memory_format(x)  # the caller's layout, not the body's
+        return [y.contiguous(memory_format=fmt) for y in _run_plan(xb, plan, self.out_indices)]
 
 
 class _MobileNetV1Base(nn.Module):
@@ -447,25 +521,21 @@ class MobileNetV1(_MobileNetV1Base):
 
     # -- inference: every BN folded in one batch of multi-tensor ops -------------------------
 
-    def _inference_folds(self, x: Tensor) -> Optional[tuple[str, list[Tensor], list[Tensor]]]:
-        """``(backend, scales, shifts)`` for the stem and the 26 layers when this forward is
-        pure inference on a kernel backend, else None (the forward then runs layer by layer
-        through dwsep's fused ops, as in training).
+    def _inference_plan(self, x: Tensor) -> Optional[_InferencePlan]:
+        """The plan of the direct inference path (see :class:`_InferencePlan`) when this
+        forward is pure inference on a kernel backend, else None (the forward then runs layer
+        by layer through dwsep's fused ops, as in training).
 
-        Inference here: the model and every block in eval, no autograd recording (grad mode
-        off), not being traced by torch.compile, no forward hooks on the blocks or stages
-        (nor global ones: the folded path does not call the block modules), the blocks as
-        built (each a FusedDepthwiseSeparable bound to its own conv / BN children), every BN
-        with running statistics and affine parameters in the kernels' per-channel dtype on x's
+        Pure inference here: the model and every block in eval, no autograd recording (grad
+        mode off), not being traced by torch.compile, no forward hooks on the blocks or stages
+        (nor global ones: this path does not call the block modules), the blocks as built
+        (each a FusedDepthwiseSeparable bound to its own conv / BN children), every BN with
+        running statistics and affine parameters in the kernels' per-channel dtype on x's
         device. The folds are computed on every call (nothing cached, so changes to any weight
         or statistic take effect at once) with four multi-tensor ops for all 27 BNs instead of
         four small ops per layer: the same arithmetic as the fused ops' eval path
         (``ops._stats`` and ``ops._bn_affine``), a fraction of the host work and launches."""
-        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return None
-        if _has_hooks(self.blocks) or nn.modules.module._global_forward_hooks:
-            return None
-        if nn.modules.module._global_forward_pre_hooks:
+        if self.training or torch.is_grad_enabled() or not _no_hooks_or_tracing(self.blocks):
             return None
         blocks = []
         for stage in self.blocks:
@@ -477,8 +547,9 @@ class MobileNetV1(_MobileNetV1Base):
                 if _has_hooks(block) or not block._bound():
                     return None
                 blocks.append(block)
-        xd, wd = _autocast(x, self.conv_stem.weight)
-        dtype, acc = xd.dtype, ops.acc_dtype(xd.dtype)
+        conv = self.conv_stem
+        dtype = _autocast_dtype(x, conv.weight) or x.dtype
+        acc = ops.acc_dtype(dtype)
         backend = backends.resolve(x.device, "MobileNetV1", dtype)
         if backend == "torch":
             return None
@@ -492,53 +563,16 @@ class MobileNetV1(_MobileNetV1Base):
         scales = torch._foreach_mul(invstd, [bn.weight for bn in bns])
         means = [bn.running_mean for bn in bns]
         shifts = torch._foreach_addcmul([bn.bias for bn in bns], means, scales, value=-1)
-        return backend, scales, shifts
+        stem = (conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups)
+        layers = [
+            (b.conv_dw.weight, b.conv_dw.stride[0], 2, b.conv_pw.weight.flatten(1), 2)
+            for b in blocks
+        ]
+        ends = list(itertools.accumulate(len(stage) for stage in self.blocks))
+        return _InferencePlan(backend, stem, 2, layers, scales, shifts, ends)
 
-    def _folded_body(
-        self, x: Tensor, folds: tuple[str, list[Tensor], list[Tensor]], stages: Sequence[int]
-    ) -> list[Tensor]:
-        """The stem and the blocks on the folded path (see _inference_folds): the outputs of
-        the stages in ``stages``, up to the last of them."""
-        backend, scales, shifts = folds
-        table = ops.op_table(backend)
-        conv = self.conv_stem
-        x, w = _autocast(x, conv.weight)
-        y = conv_bn_act(
-            x, w, scales[0], shifts[0], conv.stride, conv.padding, conv.dilation, conv.groups,
-            2, backend,
-        )  # fmt: skip
-        y = y.contiguous(memory_format=memory_format(y))
-        outs, k, last = [], 1, max(stages)
-        for i, stage in enumerate(self.blocks):
-            for block in stage:
-                y, w = _autocast(y, block.conv_dw.weight)
-                w = w.contiguous()
-                y = table.dw_fwd(y, w, scales[k], shifts[k], block.conv_dw.stride[0], 2)
-                y, w = _autocast(y, block.conv_pw.weight)
-                w = w.reshape(w.shape[0], w.shape[1]).contiguous()
-                y = table.pw_fwd(y, w, scales[k + 1], shifts[k + 1], 2)
-                k += 2
-            if i in stages:
-                outs.append(y)
-            if i == last:
-                break
-        return outs
-
-    def _features(self, x: Tensor) -> Tensor:
-        x = self._body_input(x)
-        folds = self._inference_folds(x)
-        if folds is None:
-            return self.blocks(self.forward_stem(x))
-        return self._folded_body(x, folds, (NUM_STAGES - 1,))[0]
-
-    def forward_stages(self, x: Tensor) -> list[Tensor]:
-        xb = self._body_input(x)
-        folds = self._inference_folds(xb)
-        if folds is None:
-            return super().forward_stages(x)
-        fmt = memory_format(x)  # the caller's layout, not the body's
-        outs = self._folded_body(xb, folds, sorted(self.out_indices))
-        return [y.contiguous(memory_format=fmt) for y in outs]
+    _features = _DirectInference._features
+    forward_stages = _DirectInference.forward_stages
 
 
 class ReferenceMobileNetV1(_MobileNetV1Base):
@@ -676,12 +710,47 @@ class FrozenMobileNetV1(nn.Module):
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.stem(self._body_input(x))
 
+    def _inference_plan(self, x: Tensor) -> Optional[_InferencePlan]:
+        """The direct inference path's plan (every layer's folded buffers, no per-layer module
+        calls) when nothing needs the module-by-module path: no x-gradient, no torch.compile
+        tracing, no forward hooks on the layers (or global ones), the layers as built, a kernel
+        backend. Else None."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        if not _no_hooks_or_tracing(self.blocks) or _has_hooks(self.stem):
+            return None
+        stem, layers, frozen = self.stem, [], []
+        for stage in self.blocks:
+            if type(stage) is not nn.Sequential or _has_hooks(stage):
+                return None
+            for block in stage:
+                if type(block) is not nn.Sequential or _has_hooks(block) or len(block) != 2:
+                    return None
+                dw, pw = block
+                for m, kind in ((dw, "dw"), (pw, "pw")):
+                    if type(m) is not FrozenConvAct or m.kind != kind or _has_hooks(m):
+                        return None
+                layers.append((dw.weight, dw.stride, dw.act, pw.weight, pw.act))
+                frozen += [dw, pw]
+        if type(stem) is not FrozenConvAct or stem.kind != "stem":
+            return None
+        dtype = _autocast_dtype(x, stem.weight) or x.dtype
+        backend = backends.resolve(x.device, "frozen MobileNetV1", dtype)
+        if backend == "torch":
+            return None
+        acc = ops.acc_dtype(dtype)
+        scales = [ops._as(m.scale, acc) for m in [stem] + frozen]
+        shifts = [ops._as(m.shift, acc) for m in [stem] + frozen]
+        ends = list(itertools.accumulate(len(stage) for stage in self.blocks))
+        conv = (stem.weight, stem.stride, stem.padding, stem.dilation, stem.groups)
+        return _InferencePlan(backend, conv, stem.act, layers, scales, shifts, ends)
+
     # The rest is the model's own code (it reads only the attributes set above).
     _check_input = _MobileNetV1Base._check_input
     _body_input = _MobileNetV1Base._body_input
-    _features = _MobileNetV1Base._features
+    _features = _DirectInference._features
     forward_features = _MobileNetV1Base.forward_features
-    forward_stages = _MobileNetV1Base.forward_stages
+    forward_stages = _DirectInference.forward_stages
     forward_head = _MobileNetV1Base.forward_head
     forward = _MobileNetV1Base.forward
 
