@@ -87,7 +87,7 @@ def check_bn(
         if t.dtype not in allowed:
             raise TypeError(
                 f"{fn}: {name} must have dtype {x.dtype}"
-                + (" or torch.float32" if x.dtype != torch.float64 else "")
+                + (" or torch.float32" if x.dtype not in (torch.float32, torch.float64) else "")
                 + f" for x of dtype {x.dtype}, got {t.dtype}"
             )
         if tuple(t.shape) != (channels,):

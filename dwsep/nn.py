@@ -10,8 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import backends, ops
 from . import functional as DF
-from ._validation import activation_code
+from ._validation import FLOAT_DTYPES, activation_code, memory_format
 from .frozen import FrozenConvAct
 
 __all__ = [
@@ -59,6 +60,47 @@ def _computes_like(module: nn.Module, base: type) -> bool:
     return cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(
         base, "_conv_forward", None
     )
+
+
+def _inference_call(
+    kind: str,
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d,
+    activation: Optional[str],
+    training: bool,
+) -> Optional[Tensor]:
+    """The fused op's inference kernel called straight, for a module that holds (conv, bn):
+    the BN folded by the eval path's own functions (``ops._stats``, ``ops._bn_affine``), then
+    one kernel call, skipping the functional op's per-call validation and dispatch. Only for
+    pure inference (BN in eval with running statistics, grad mode off, no torch.compile
+    tracing, a kernel backend) with every argument as the kernels take it; otherwise None, and
+    the caller goes through the functional op, which checks everything and raises its errors.
+    ``kind`` is "depthwise" or "pointwise"."""
+    if training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    rm, rv, g, b = bn.running_mean, bn.running_var, bn.weight, bn.bias
+    if rm is None or rv is None or g is None or b is None:
+        return None
+    if type(x) is not Tensor or x.dim() != 4 or x.shape[1] != conv.in_channels or x.numel() == 0:
+        return None
+    x, w = DF._autocast(x, conv.weight)
+    if x.dtype != w.dtype or x.dtype not in FLOAT_DTYPES or x.device != w.device:
+        return None
+    acc = ops.acc_dtype(x.dtype)
+    for t in (rm, rv, g, b):
+        if t.dtype != acc or t.device != x.device:
+            return None
+    backend = backends.resolve(x.device, f"{kind}_conv_bn_act", x.dtype)
+    if backend == "torch":
+        return None
+    mean, invstd = ops._stats(False, None, None, rm, rv, bn.eps, acc)
+    scale, shift = ops._bn_affine(mean, invstd, g, b, acc)
+    x = x.contiguous(memory_format=memory_format(x))
+    table, act = ops.op_table(backend), activation_code("dwsep.nn", activation)
+    if kind == "depthwise":
+        return table.dw_fwd(x, w.contiguous(), scale, shift, int(conv.stride[0]), act)
+    return table.pw_fwd(x, w.flatten(1).contiguous(), scale, shift, act)
 
 
 class _ConvBNAct(nn.Module):
@@ -159,6 +201,9 @@ class DepthwiseConvBNAct(_ConvBNAct):
         return int(self.conv.stride[0])
 
     def forward(self, x: Tensor) -> Tensor:
+        y = _inference_call("depthwise", x, self.conv, self.bn, self.activation, self.training)
+        if y is not None:
+            return y
         return DF.depthwise_conv_bn_act(
             x,
             self.conv.weight,
@@ -210,6 +255,9 @@ class PointwiseConvBNAct(_ConvBNAct):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        y = _inference_call("pointwise", x, self.conv, self.bn, self.activation, self.training)
+        if y is not None:
+            return y
         return DF.pointwise_conv_bn_act(
             x, self.conv.weight, activation=self.activation, **_bn_forward_args(self, self.bn)
         )
@@ -255,6 +303,9 @@ def _fused_call(
 ) -> Tensor:
     """The fused op of a (conv, bn) pair of ``kind`` (see _fusable_kind), with BatchNorm
     following ``bn``'s own ``training`` flag as nn.BatchNorm2d does."""
+    y = _inference_call(kind, x, conv, bn, activation, bn.training)
+    if y is not None:
+        return y
     args = _bn_forward_args(bn, bn)
     if kind == "depthwise":
         stride = int(conv.stride[0])

@@ -934,14 +934,13 @@ def test_freeze(backend, layout):
 
 
 class CountFusedCalls:
-    """Counts the layer-by-layer calls of the fused ops made through dwsep.nn's modules (the
-    path the model takes unless its folded inference path applies)."""
+    """Counts the calls of dwsep.nn's fused layer modules (the layer-by-layer path the model
+    takes unless its direct inference path applies)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        for name in ("depthwise_conv_bn_act", "pointwise_conv_bn_act"):
-            fn = getattr(dwsep.nn.DF, name)
-            monkeypatch.setattr(dwsep.nn.DF, name, self._counting(fn))
+        for cls in (dwsep.nn.DepthwiseConvBNAct, dwsep.nn.PointwiseConvBNAct):
+            monkeypatch.setattr(cls, "forward", self._counting(cls.forward))
 
     def _counting(self, fn):
         def wrapped(*args, **kwargs):

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from op_harness import LAYOUTS, backend_params
+from op_harness import LAYOUTS, backend_params, to_layout
 from torch import nn
 
 import dwsep
@@ -100,3 +100,89 @@ def test_module_matches_conv_bn_act(backend, device, config, kind, stride, layou
         with dwsep.use_backend(backend):
             y = fused(x)
     assert_same(y, y_ref, f"{backend}/{config}/{kind}-s{stride}/{layout}/eval: output")
+
+
+class CountFunctional:
+    """Counts the calls of the functional fused ops made through dwsep.nn."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("depthwise_conv_bn_act", "pointwise_conv_bn_act"):
+            fn = getattr(dwsep.nn.DF, name)
+            monkeypatch.setattr(dwsep.nn.DF, name, self._counting(fn))
+
+    def _counting(self, fn):
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+
+@pytest.mark.parametrize(("backend", "device"), backend_params())
+@pytest.mark.parametrize(("kind", "stride"), [("dw", 1), ("dw", 2), ("pw", 1)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eval_without_grad_calls_the_kernel_directly(backend, device, kind, stride, layout,
+                                                     monkeypatch):  # fmt: skip
+    """In eval with grad mode off, the modules (and converted pairs) fold the BN and call the
+    backend's kernel without the functional op: the same result as the functional op (same
+    kernel, same fold), in float64, float32 and under CPU bf16 autocast; with grad mode on or
+    with BN buffers in another dtype they go through the functional op, which also raises the
+    errors for a bad input."""
+    ref, fused = make_pair(kind, {"eps": 0.3}, stride, device)
+    ref.eval(), fused.eval()
+    seq = dwsep.nn.fuse_conv_bn_act(copy.deepcopy(ref)).eval()
+    assert isinstance(seq, dwsep.nn.FusedSequential)
+    count = CountFunctional(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64) * 2).to(device)
+    x = to_layout(x, layout)
+    op = (
+        dwsep.functional.depthwise_conv_bn_act
+        if kind == "dw"
+        else (dwsep.functional.pointwise_conv_bn_act)
+    )
+    extra = {"stride": stride} if kind == "dw" else {}
+    bn = fused.bn
+    args = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+
+    def functional(m, x):
+        return op(x, m.conv.weight, *args, eps=0.3, **extra)
+
+    with dwsep.use_backend(backend):
+        for dtype in (torch.float64, torch.float32):
+            f, s, xd = copy.deepcopy(fused).to(dtype), copy.deepcopy(seq).to(dtype), x.to(dtype)
+            args = (f.bn.running_mean, f.bn.running_var, f.bn.weight, f.bn.bias)
+            with torch.no_grad():
+                y, ys = f(xd), s(xd)
+                assert count.calls == 0, "the direct path was not taken"
+                want = functional(f, xd)
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            torch.testing.assert_close(ys, want, rtol=0, atol=0)
+            assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+            assert (y - ref.to(dtype)(xd)).abs().max() < (1e-10 if dtype == torch.float64 else 1e-4)
+            count.calls = 0
+        if device == "cpu" and backend == "cpu":
+            f = copy.deepcopy(fused).float()
+            args = (f.bn.running_mean, f.bn.running_var, f.bn.weight, f.bn.bias)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = f(x.float())
+                assert count.calls == 0 and y.dtype == torch.bfloat16
+                want = functional(f, x.float())
+            torch.testing.assert_close(y, want, rtol=0, atol=0)
+            count.calls = 0
+        fused(x)  # grad mode on: the functional op (for the parameters' gradients)
+        assert count.calls == 1
+        with torch.no_grad():
+            f = copy.deepcopy(fused).half()  # BN buffers in float16, not the kernels' float32
+            f(x.half())
+            assert count.calls == 2
+            f = copy.deepcopy(fused).float()
+            f.bn.running_mean.data = f.bn.running_mean.half()
+            with pytest.raises(
+                TypeError,
+                match=r"running_mean must have dtype torch.float32 for x of dtype torch.float32, got torch.float16",
+            ):
+                f(x.float())  # the functional op's error
+            with pytest.raises(ValueError, match="weight must be"):
+                fused(x[:, :5])  # wrong channel count: the functional op's error
