@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from . import backends, ops
 from . import functional as DF
 from ._validation import FLOAT_DTYPES, activation_code, memory_format
-from .frozen import FrozenConvAct
+from .frozen import FrozenConvAct, bn_fold
 
 __all__ = [
     "AbsorbedBatchNorm2d",
@@ -71,7 +71,7 @@ def _inference_call(
     training: bool,
 ) -> Optional[Tensor]:
     """The fused op's inference kernel called straight, for a module that holds (conv, bn):
-    the BN folded by the eval path's own functions (``ops._stats``, ``ops._bn_affine``), then
+    the BN folded as the eval path folds it (``frozen.bn_fold``), then
     one kernel call, skipping the functional op's per-call validation and dispatch. Only for
     pure inference (BN in eval with running statistics, grad mode off, no torch.compile
     tracing, a kernel backend) with every argument as the kernels take it; otherwise None, and
@@ -94,8 +94,7 @@ def _inference_call(
     backend = backends.resolve(x.device, f"{kind}_conv_bn_act", x.dtype)
     if backend == "torch":
         return None
-    mean, invstd = ops._stats(False, None, None, rm, rv, bn.eps, acc)
-    scale, shift = ops._bn_affine(mean, invstd, g, b, acc)
+    scale, shift = bn_fold(bn, acc)
     x = x.contiguous(memory_format=memory_format(x))
     table, act = ops.op_table(backend), activation_code("dwsep.nn", activation)
     if kind == "depthwise":

@@ -34,8 +34,8 @@ namespace {
 
 // NCHW planes below this many pixels go to oneDNN (see use_onednn).
 constexpr int64_t kOnednnMaxNchwPlane = 28 * 28;
-// channels_last planes up to this many pixels take one at::mm plus a bias/activation pass
-// instead of oneDNN's 1x1 convolution (see pw_fwd_onednn).
+// channels_last planes up to this many pixels take one at::mm plus a scale/shift/activation
+// pass instead of oneDNN's 1x1 convolution (see use_mm_nhwc).
 constexpr int64_t kMmMaxNhwcPlane = 14 * 14;
 
 template <typename T>
@@ -91,6 +91,26 @@ void block_moments_nchw_row(const Acc* zr, int64_t len, Acc* pmean, Acc* pm2) {
   *pm2 = static_cast<Acc>(hsum(m2));
 }
 
+// One NHWC row of C channels: y = act(z * scale + shift), with scale and shift zero-padded to
+// a multiple of the vector width (NaN propagates, see act_vec). z may be y's own memory (fp32).
+template <typename T, int kAct>
+inline void scale_shift_act_row(const typename AccOf<T>::type* zr, T* yr,
+                                const typename AccOf<T>::type* sc,
+                                const typename AccOf<T>::type* sh, int64_t C) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) {
+    const Vec v = at::vec::fmadd(Vec::loadu(zr + c), Vec::loadu(sc + c), Vec::loadu(sh + c));
+    IO::store(yr + c, act_vec<kAct>(v));
+  }
+  if (c < C) {
+    const Vec v = at::vec::fmadd(Vec::loadu(zr + c, C - c), Vec::loadu(sc + c), Vec::loadu(sh + c));
+    IO::store(yr + c, act_vec<kAct>(v), C - c);
+  }
+}
+
 // kStats = false: y = act(z * scale + shift) (pw_fwd).
 // kStats = true: y holds z, and pmean/pm2 ([count][Cp]) the per-block moments (pw_fwd_stats).
 template <typename T, int kAct, bool kStats>
@@ -132,21 +152,8 @@ void pw_forward(const T* x, const at::Tensor& wa, const typename AccOf<T>::type*
           block_moments_nhwc<Acc>(zb, len, Cout, pmean + bi * Cp, pm2 + bi * Cp);
           if constexpr (!kSame) convert_from_acc<T>(zb, yb, len * Cout);
         } else {
-          for (int64_t i = 0; i < len; ++i) {
-            const Acc* zr = zb + i * Cout;
-            T* yr = yb + i * Cout;
-            int64_t c0 = 0;
-            for (; c0 + kV <= Cout; c0 += kV) {
-              const Vec v = at::vec::fmadd(Vec::loadu(zr + c0), Vec::loadu(sc.data() + c0),
-                                           Vec::loadu(sh.data() + c0));
-              IO::store(yr + c0, act_vec<kAct>(v));
-            }
-            if (c0 < Cout) {
-              const Vec v = at::vec::fmadd(Vec::loadu(zr + c0, Cout - c0),
-                                           Vec::loadu(sc.data() + c0), Vec::loadu(sh.data() + c0));
-              IO::store(yr + c0, act_vec<kAct>(v), Cout - c0);
-            }
-          }
+          for (int64_t i = 0; i < len; ++i)
+            scale_shift_act_row<T, kAct>(zb + i * Cout, yb + i * Cout, sc.data(), sh.data(), Cout);
         }
       } else {
         // Z[Cout, len] = W @ X_n[:, p0:p0+len]
@@ -202,30 +209,16 @@ bool use_onednn(const PwShape& s, at::ScalarType dtype) {
 }
 
 // In place over the rows of a row-major (M, C) fp32 matrix: y = act(y * scale + shift), one
-// vectorized pass, parallel over rows (NaN propagates, see act_vec).
+// vectorized pass, parallel over rows.
 template <int kAct>
-void scale_shift_act_rows(float* y, const float* scale, const float* shift, int64_t M, int64_t C) {
-  using Vec = at::vec::Vectorized<float>;
-  constexpr int64_t kV = Vec::size();
-  const int64_t Cp = round_up(C, kV);
-  std::vector<float> sc(scale, scale + C), sh(shift, shift + C);
-  sc.resize(Cp, 0.f);
-  sh.resize(Cp, 0.f);
+void scale_shift_act_rows(float* y, const at::Tensor& scale, const at::Tensor& shift, int64_t M,
+                          int64_t C) {
+  const int64_t Cp = round_up(C, VecIO<float>::kV);
+  const auto sc = padded_vec<float>(scale, Cp);
+  const auto sh = padded_vec<float>(shift, Cp);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Cp), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      float* yr = y + r * C;
-      int64_t c = 0;
-      for (; c + kV <= C; c += kV) {
-        const Vec v = at::vec::fmadd(Vec::loadu(yr + c), Vec::loadu(sc.data() + c),
-                                     Vec::loadu(sh.data() + c));
-        act_vec<kAct>(v).store(yr + c);
-      }
-      if (c < C) {
-        const Vec v = at::vec::fmadd(Vec::loadu(yr + c, C - c), Vec::loadu(sc.data() + c),
-                                     Vec::loadu(sh.data() + c));
-        act_vec<kAct>(v).store(yr + c, C - c);
-      }
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      scale_shift_act_row<float, kAct>(y + r * C, y + r * C, sc.data(), sh.data(), C);
   });
 }
 
@@ -252,9 +245,8 @@ at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at
     // (folding the BN into the weights would cost a pass over the largest weights, 1024x1024).
     at::Tensor y = conv1x1_mm_nhwc(x, weight, s);
     dispatch_act(act, [&](auto A) {
-      scale_shift_act_rows<decltype(A)::value>(y.mutable_data_ptr<float>(),
-                                               scale.const_data_ptr<float>(),
-                                               shift.const_data_ptr<float>(), s.N * s.HW, s.Cout);
+      scale_shift_act_rows<decltype(A)::value>(y.mutable_data_ptr<float>(), scale, shift,
+                                               s.N * s.HW, s.Cout);
     });
     return y;
   }

@@ -20,7 +20,6 @@ eager/``torch.compile`` baseline for the benchmarks.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
@@ -214,13 +213,23 @@ class _InferencePlan(NamedTuple):
     stage_ends: list
 
 
-def _no_hooks_or_tracing(module: nn.Module) -> bool:
-    """No global forward hooks, none on ``module``, and no torch.compile tracing (which keeps
-    the module-by-module path it was tested with)."""
+def _plain_blocks(blocks: nn.Module) -> Optional[tuple[list[nn.Module], list[int]]]:
+    """Every block of ``blocks`` (the stages) in order and, per stage, the number of blocks up
+    to its end, when nothing there needs the module-by-module path: no global forward hooks,
+    no torch.compile tracing (which keeps the path it was tested with), and ``blocks`` and each
+    stage a plain ``nn.Sequential`` without hooks. Else None."""
     mm = nn.modules.module
-    if mm._global_forward_hooks or mm._global_forward_pre_hooks or _has_hooks(module):
-        return False
-    return not torch.compiler.is_compiling()
+    if mm._global_forward_hooks or mm._global_forward_pre_hooks or _has_hooks(blocks):
+        return None
+    if torch.compiler.is_compiling():
+        return None
+    flat, ends = [], []
+    for stage in blocks:
+        if type(stage) is not nn.Sequential or _has_hooks(stage):
+            return None
+        flat += list(stage)
+        ends.append(len(flat))
+    return flat, ends
 
 
 def _run_plan(x: Tensor, plan: _InferencePlan, stages: Sequence[int]) -> list[Tensor]:
@@ -535,18 +544,17 @@ class MobileNetV1(_MobileNetV1Base):
         or statistic take effect at once) with four multi-tensor ops for all 27 BNs instead of
         four small ops per layer: the same arithmetic as the fused ops' eval path
         (``ops._stats`` and ``ops._bn_affine``), a fraction of the host work and launches."""
-        if self.training or torch.is_grad_enabled() or not _no_hooks_or_tracing(self.blocks):
+        if self.training or torch.is_grad_enabled():
             return None
-        blocks = []
-        for stage in self.blocks:
-            if type(stage) is not nn.Sequential or _has_hooks(stage):
+        found = _plain_blocks(self.blocks)
+        if found is None:
+            return None
+        blocks, ends = found
+        for block in blocks:
+            if type(block) is not FusedDepthwiseSeparable or block.training:
                 return None
-            for block in stage:
-                if type(block) is not FusedDepthwiseSeparable or block.training:
-                    return None
-                if _has_hooks(block) or not block._bound():
-                    return None
-                blocks.append(block)
+            if _has_hooks(block) or not block._bound():
+                return None
         conv = self.conv_stem
         dtype = _autocast_dtype(x, conv.weight) or x.dtype
         acc = ops.acc_dtype(dtype)
@@ -568,7 +576,6 @@ class MobileNetV1(_MobileNetV1Base):
             (b.conv_dw.weight, b.conv_dw.stride[0], 2, b.conv_pw.weight.flatten(1), 2)
             for b in blocks
         ]
-        ends = list(itertools.accumulate(len(stage) for stage in self.blocks))
         return _InferencePlan(backend, stem, 2, layers, scales, shifts, ends)
 
     _features = _DirectInference._features
@@ -717,21 +724,19 @@ class FrozenMobileNetV1(nn.Module):
         backend. Else None."""
         if torch.is_grad_enabled() and x.requires_grad:
             return None
-        if not _no_hooks_or_tracing(self.blocks) or _has_hooks(self.stem):
+        found = _plain_blocks(self.blocks)
+        if found is None or _has_hooks(self.stem):
             return None
         stem, layers, frozen = self.stem, [], []
-        for stage in self.blocks:
-            if type(stage) is not nn.Sequential or _has_hooks(stage):
+        for block in found[0]:
+            if type(block) is not nn.Sequential or _has_hooks(block) or len(block) != 2:
                 return None
-            for block in stage:
-                if type(block) is not nn.Sequential or _has_hooks(block) or len(block) != 2:
+            dw, pw = block
+            for m, kind in ((dw, "dw"), (pw, "pw")):
+                if type(m) is not FrozenConvAct or m.kind != kind or _has_hooks(m):
                     return None
-                dw, pw = block
-                for m, kind in ((dw, "dw"), (pw, "pw")):
-                    if type(m) is not FrozenConvAct or m.kind != kind or _has_hooks(m):
-                        return None
-                layers.append((dw.weight, dw.stride, dw.act, pw.weight, pw.act))
-                frozen += [dw, pw]
+            layers.append((dw.weight, dw.stride, dw.act, pw.weight, pw.act))
+            frozen += [dw, pw]
         if type(stem) is not FrozenConvAct or stem.kind != "stem":
             return None
         dtype = _autocast_dtype(x, stem.weight) or x.dtype
@@ -741,9 +746,8 @@ class FrozenMobileNetV1(nn.Module):
         acc = ops.acc_dtype(dtype)
         scales = [ops._as(m.scale, acc) for m in [stem] + frozen]
         shifts = [ops._as(m.shift, acc) for m in [stem] + frozen]
-        ends = list(itertools.accumulate(len(stage) for stage in self.blocks))
         conv = (stem.weight, stem.stride, stem.padding, stem.dilation, stem.groups)
-        return _InferencePlan(backend, conv, stem.act, layers, scales, shifts, ends)
+        return _InferencePlan(backend, conv, stem.act, layers, scales, shifts, found[1])
 
     # The rest is the model's own code (it reads only the attributes set above).
     _check_input = _MobileNetV1Base._check_input
