@@ -81,15 +81,19 @@ def test_every_output_element_written(op, backend, device, layout):
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("activation", ["relu6", "relu", None])
-def test_nan_propagates(op, backend, device, layout, activation):
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_nan_propagates(op, backend, device, layout, activation, training):
     """A NaN in x gives NaN exactly where F.conv2d + F.batch_norm + the activation give NaN (in
-    float64): activations must not clamp NaN to 0 or 6, as a max/min-based relu can."""
+    float64): activations must not clamp NaN to 0 or 6, as a max/min-based relu can. In
+    training the NaN reaches the batch statistics, so whole channels are NaN (every channel
+    for the pointwise op), through the training forward's own kernels (statistics, then
+    normalize and activate)."""
     shape, extra, kw = OPS[op]
     x, weight, bn = make_inputs(op, shape, torch.float32, device, **extra)
     x[0, 1, 2, 3] = float("nan")
     x[1, 4, 0, 0] = float("nan")
     x = to_layout(x, layout)
-    y = call(op, backend, x, weight, bn, training=False, activation=activation, **kw)
+    y = call(op, backend, x, weight, bn, training=training, activation=activation, **kw)
     fn = dwsep.reference.depthwise_conv_bn_act
     if op == "pointwise":
         fn = dwsep.reference.pointwise_conv_bn_act
@@ -97,7 +101,7 @@ def test_nan_propagates(op, backend, device, layout, activation):
         x.double(),
         weight.double(),
         **{k: v.double() for k, v in bn.items()},
-        training=False,
+        training=training,
         activation=activation,
         **kw,
     )

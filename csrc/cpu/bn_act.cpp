@@ -1,41 +1,37 @@
-// CPU kernel for dwsep::bn_act: y = act(z * scale[c] + shift[c]).
+// CPU kernel for dwsep::bn_act: y = act(z * scale[c] + shift[c]), vectorized (at::vec) with the
+// activation a compile-time code; NaN propagates through every activation, as in F.relu /
+// F.relu6 (act_vec).
 #include <torch/library.h>
 
-#include "cpu/cpu_common.h"
+#include "cpu/depthwise_common.h"
 
 namespace dwsep {
 namespace cpu {
 namespace {
 
-template <typename T>
-void bn_act_kernel(const T* z, T* y, const typename AccOf<T>::type* scale,
-                   const typename AccOf<T>::type* shift, int64_t N, int64_t C, int64_t HW,
-                   bool nhwc, int64_t act) {
-  using Acc = typename AccOf<T>::type;
-  if (nhwc) {
-    at::parallel_for(0, N * HW, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) {
-        const T* zi = z + p * C;
-        T* yo = y + p * C;
-        for (int64_t c = 0; c < C; ++c) {
-          yo[c] =
-              static_cast<T>(apply_act<Acc>(static_cast<Acc>(zi[c]) * scale[c] + shift[c], act));
-        }
-      }
-    });
-  } else {
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t c = plane % C;
-        const Acc s = scale[c], b = shift[c];
-        const T* zi = z + plane * HW;
-        T* yo = y + plane * HW;
-        for (int64_t i = 0; i < HW; ++i) {
-          yo[i] = static_cast<T>(apply_act<Acc>(static_cast<Acc>(zi[i]) * s + b, act));
-        }
-      }
-    });
-  }
+// NCHW: one plane at a time, its channel's scale and shift broadcast over the plane.
+template <typename T, int kAct>
+void bn_act_nchw(const T* z, T* y, const at::Tensor& scale, const at::Tensor& shift, int64_t N,
+                 int64_t C, int64_t HW) {
+  using IO = VecIO<T>;
+  using Acc = typename IO::Acc;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  const Acc* scp = scale.const_data_ptr<Acc>();
+  const Acc* shp = shift.const_data_ptr<Acc>();
+  at::parallel_for(0, N * C, grain_for(HW), [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t c = p % C;
+      const Vec a(scp[c]), b(shp[c]);
+      const T* zi = z + p * HW;
+      T* yo = y + p * HW;
+      int64_t i = 0;
+      for (; i + kV <= HW; i += kV)
+        IO::store(yo + i, act_vec<kAct>(at::vec::fmadd(IO::load(zi + i), a, b)));
+      if (i < HW)
+        IO::store(yo + i, act_vec<kAct>(at::vec::fmadd(IO::load(zi + i, HW - i), a, b)), HW - i);
+    }
+  });
 }
 
 at::Tensor bn_act_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
@@ -50,11 +46,18 @@ at::Tensor bn_act_cpu(const at::Tensor& z, const at::Tensor& scale, const at::Te
   check_channel_vec(op, "shift", shift, C, z);
   at::Tensor y = new_output(z.sizes(), z.options(), memory_format(nhwc));
   if (z.numel() == 0) return y;
+  const int64_t N = z.size(0), HW = z.size(2) * z.size(3);
   DWSEP_CPU_DISPATCH(z.scalar_type(), "dwsep_bn_act_cpu", [&] {
-    using Acc = typename AccOf<scalar_t>::type;
-    bn_act_kernel<scalar_t>(z.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
-                            scale.const_data_ptr<Acc>(), shift.const_data_ptr<Acc>(), z.size(0), C,
-                            z.size(2) * z.size(3), nhwc, act);
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    dispatch_act(act, [&](auto A) {
+      constexpr int kAct = decltype(A)::value;
+      if (nhwc) {
+        scale_shift_act_rows<scalar_t, kAct>(zp, yp, scale, shift, N * HW, C);
+      } else {
+        bn_act_nchw<scalar_t, kAct>(zp, yp, scale, shift, N, C, HW);
+      }
+    });
   });
   return y;
 }

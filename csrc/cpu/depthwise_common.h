@@ -195,7 +195,7 @@ inline Vec act_vec(const Vec& v) {
 }
 
 // g where the activation passes gradient (judged from its input or output), else 0.
-// NaN passes, as in act_pass().
+// NaN passes (every comparison with NaN is false), as the other backends' masks do.
 template <int kAct, typename Vec>
 inline Vec act_grad(const Vec& g, const Vec& v) {
   if constexpr (kAct == kActRelu) {
@@ -347,6 +347,49 @@ inline std::vector<Acc> padded_vec(const at::Tensor& v, int64_t Cp) {
   const Acc* p = v.const_data_ptr<Acc>();
   std::copy(p, p + v.numel(), out.begin());
   return out;
+}
+
+// One NHWC row of C channels: y = act(z * scale + shift), with scale and shift zero-padded to
+// a multiple of the vector width (NaN propagates, see act_vec). z is T or Acc (the pointwise
+// GEMM's fp32 tile); it may be y's own memory.
+template <typename T, int kAct, typename Z>
+inline void scale_shift_act_row(const Z* zr, T* yr, const typename AccOf<T>::type* sc,
+                                const typename AccOf<T>::type* sh, int64_t C) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kV = IO::kV;
+  static_assert(std::is_same_v<Z, T> || std::is_same_v<Z, typename IO::Acc>, "z is T or Acc");
+  auto load = [](const Z* p, int64_t n) {
+    if constexpr (std::is_same_v<Z, typename IO::Acc>) {
+      return n == kV ? Vec::loadu(p) : Vec::loadu(p, n);
+    } else {
+      return n == kV ? IO::load(p) : IO::load(p, n);
+    }
+  };
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) {
+    const Vec v = at::vec::fmadd(load(zr + c, kV), Vec::loadu(sc + c), Vec::loadu(sh + c));
+    IO::store(yr + c, act_vec<kAct>(v));
+  }
+  if (c < C) {
+    const Vec v = at::vec::fmadd(load(zr + c, C - c), Vec::loadu(sc + c), Vec::loadu(sh + c));
+    IO::store(yr + c, act_vec<kAct>(v), C - c);
+  }
+}
+
+// The M rows of a row-major (M, C) matrix: y = act(z * scale + shift), one vectorized pass,
+// parallel over rows; z may be y (in place).
+template <typename T, int kAct, typename Z>
+void scale_shift_act_rows(const Z* z, T* y, const at::Tensor& scale, const at::Tensor& shift,
+                          int64_t M, int64_t C) {
+  using Acc = typename AccOf<T>::type;
+  const int64_t Cp = round_up(C, VecIO<T>::kV);
+  const auto sc = padded_vec<Acc>(scale, Cp);
+  const auto sh = padded_vec<Acc>(shift, Cp);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Cp), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      scale_shift_act_row<T, kAct>(z + r * C, y + r * C, sc.data(), sh.data(), C);
+  });
 }
 
 // Depthwise weights (C,1,3,3) as Acc, transposed to [9][Cp] (zero-padded channels).

@@ -91,26 +91,6 @@ void block_moments_nchw_row(const Acc* zr, int64_t len, Acc* pmean, Acc* pm2) {
   *pm2 = static_cast<Acc>(hsum(m2));
 }
 
-// One NHWC row of C channels: y = act(z * scale + shift), with scale and shift zero-padded to
-// a multiple of the vector width (NaN propagates, see act_vec). z may be y's own memory (fp32).
-template <typename T, int kAct>
-inline void scale_shift_act_row(const typename AccOf<T>::type* zr, T* yr,
-                                const typename AccOf<T>::type* sc,
-                                const typename AccOf<T>::type* sh, int64_t C) {
-  using IO = VecIO<T>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t kV = IO::kV;
-  int64_t c = 0;
-  for (; c + kV <= C; c += kV) {
-    const Vec v = at::vec::fmadd(Vec::loadu(zr + c), Vec::loadu(sc + c), Vec::loadu(sh + c));
-    IO::store(yr + c, act_vec<kAct>(v));
-  }
-  if (c < C) {
-    const Vec v = at::vec::fmadd(Vec::loadu(zr + c, C - c), Vec::loadu(sc + c), Vec::loadu(sh + c));
-    IO::store(yr + c, act_vec<kAct>(v), C - c);
-  }
-}
-
 // kStats = false: y = act(z * scale + shift) (pw_fwd).
 // kStats = true: y holds z, and pmean/pm2 ([count][Cp]) the per-block moments (pw_fwd_stats).
 template <typename T, int kAct, bool kStats>
@@ -208,20 +188,6 @@ bool use_onednn(const PwShape& s, at::ScalarType dtype) {
   return s.nhwc || s.HW < kOnednnMaxNchwPlane;
 }
 
-// In place over the rows of a row-major (M, C) fp32 matrix: y = act(y * scale + shift), one
-// vectorized pass, parallel over rows.
-template <int kAct>
-void scale_shift_act_rows(float* y, const at::Tensor& scale, const at::Tensor& shift, int64_t M,
-                          int64_t C) {
-  const int64_t Cp = round_up(C, VecIO<float>::kV);
-  const auto sc = padded_vec<float>(scale, Cp);
-  const auto sh = padded_vec<float>(shift, Cp);
-  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / Cp), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      scale_shift_act_row<float, kAct>(y + r * C, y + r * C, sc.data(), sh.data(), C);
-  });
-}
-
 // Small channels_last planes (HW <= kMmMaxNhwcPlane): the 1x1 convolution as one at::mm over
 // the (N*HW, Cin) matrix, returned as the channels_last (N, Cout, H, W) tensor. At 14x14 and
 // 7x7 torch's multi-threaded GEMM beats oneDNN's 1x1 convolution (by 5% and 20-25% on the 2-core
@@ -245,8 +211,8 @@ at::Tensor pw_fwd_onednn(const at::Tensor& x, const at::Tensor& weight, const at
     // (folding the BN into the weights would cost a pass over the largest weights, 1024x1024).
     at::Tensor y = conv1x1_mm_nhwc(x, weight, s);
     dispatch_act(act, [&](auto A) {
-      scale_shift_act_rows<decltype(A)::value>(y.mutable_data_ptr<float>(), scale, shift,
-                                               s.N * s.HW, s.Cout);
+      float* yp = y.mutable_data_ptr<float>();
+      scale_shift_act_rows<float, decltype(A)::value>(yp, yp, scale, shift, s.N * s.HW, s.Cout);
     });
     return y;
   }
