@@ -53,6 +53,9 @@ TORCH_LIBRARY(dwsep, m) {
       "dw_fwd(Tensor x, Tensor weight, Tensor scale, Tensor shift, int stride, int act) -> Tensor");
   // Per-channel batch mean and biased variance of conv(x) over (N, Ho, Wo).
   m.def("dw_stats(Tensor x, Tensor weight, int stride) -> (Tensor mean, Tensor var)");
+  // The same statistics plus z = conv(x) itself, in x's dtype and layout (CPU only: the CPU
+  // training forward runs the conv once, then bn_act; the GPU backends read x twice instead).
+  m.def("dw_fwd_stats(Tensor x, Tensor weight, int stride) -> (Tensor z, Tensor mean, Tensor var)");
   // Per-channel sum(g_z) and sum(g_z * xhat), with g_z = grad_y * act'(y) and
   // xhat = (conv(x) - mean) * invstd (conv recomputed, not stored).
   m.def(

@@ -9,6 +9,7 @@ from typing import Optional
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dwsep
 from dwsep.testing import (
@@ -228,3 +229,20 @@ def pinned_triton_configs(pins: dict):
             t.configs = configs
             t.cache.clear()
             t.cache.update(cache)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the names of the ops that reach the dispatcher (``str(func)``, e.g.
+    ``"dwsep.dw_fwd.default"``); ``count`` matches a prefix, so end an op's name with ``"."``
+    to exclude longer names that start with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, prefix: str) -> int:
+        return sum(n.startswith(prefix) for n in self.names)

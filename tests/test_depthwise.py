@@ -8,6 +8,7 @@ import pytest
 import torch
 from op_harness import (
     LAYOUTS,
+    OpRecorder,
     backend_dtype_params,
     backend_params,
     make_inputs,
@@ -244,6 +245,69 @@ def test_opcheck(backend, device, layout, op):
     table = dwsep.ops.op_table(backend)
     args = _dw_op_args(device, layout, stride=2)[op]
     torch.library.opcheck(getattr(table, op), args)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cpu_dw_fwd_stats(layout, dtype):
+    """dwsep::dw_fwd_stats, the CPU training forward's single conv pass: z is the conv (against
+    F.conv2d in float64), in x's dtype and layout, and the batch statistics are dw_stats's bit
+    for bit, on every path of the kernel: NHWC through the row ring (C = 5, 3, 11) and rows
+    read in place (C = 16, W >= 28), NCHW over flat small planes and in row blocks (W > 64, and
+    more than 4096 outputs, so several blocks per plane); strides 1 and 2. Then opcheck."""
+    reason = dwsep.testing.skip_reason("cpu", "cpu")
+    if reason:
+        pytest.skip(reason)
+    ops = torch.ops.dwsep
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(2, 5, 7, 6), (1, 16, 9, 30), (1, 3, 70, 66), (3, 11, 13, 17)]:
+        C = shape[1]
+        x = to_layout(torch.randn(*shape, generator=gen).to(dtype), layout)
+        weight = torch.randn(C, 1, 3, 3, generator=gen).to(dtype)
+        for stride in (1, 2):
+            what = f"{tuple(shape)} s{stride}"
+            with poison_outputs():
+                z, mean, var = ops.dw_fwd_stats(x, weight, stride)
+            ref = torch.nn.functional.conv2d(x.double(), weight.double(), None, stride, 1, 1, C)
+            assert z.dtype == dtype and z.shape == ref.shape, what
+            assert z.is_contiguous(memory_format=dwsep.ops.memory_format(x)), what
+            dwsep.testing.assert_close(z, ref, dwsep.testing.TOLERANCES[dtype], f"z {what}")
+            mean2, var2 = ops.dw_stats(x, weight, stride)
+            assert torch.equal(mean, mean2) and torch.equal(var, var2), what
+            dims = (0, 2, 3)
+            dwsep.testing.assert_close(mean, ref.mean(dims), 1e-5, f"mean {what}", scale=1.0)
+            dwsep.testing.assert_close(var, ref.var(dims, unbiased=False), 1e-4, f"var {what}")
+    if dtype == torch.float32:
+        x = to_layout(torch.randn(2, 5, 7, 6, generator=gen), layout)
+        args = (x, torch.randn(5, 1, 3, 3, generator=gen), 2)
+        torch.library.opcheck(ops.dw_fwd_stats, args)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_training_forward_paths(layout, dtype):
+    """The cpu backend's depthwise training forward: one conv pass (dw_fwd_stats, then bn_act)
+    for fp32/fp64 at stride 2, on planes up to 32x32 and on larger NCHW planes; two passes
+    (dw_stats, then dw_fwd) for larger channels_last planes at stride 1 and for fp16/bf16.
+    Each path against the oracle: output, batch and running statistics, every gradient."""
+    reason = dwsep.testing.skip_reason("cpu", "cpu")
+    if reason:
+        pytest.skip(reason)
+    for i, (shape, stride) in enumerate(
+        [((2, 8, 33, 34), 1), ((2, 16, 9, 30), 1), ((1, 8, 35, 33), 2)]
+    ):
+        rec = OpRecorder()
+        with rec:
+            run_and_compare(
+                "depthwise", "cpu", "cpu", dtype, shape, stride=stride, layout=layout,
+                training=True, activation=ACTS[i % 3], seed=i, wide=True,
+            )  # fmt: skip
+        one_pass = dtype != torch.bfloat16 and (
+            stride == 2 or shape[2] * shape[3] <= 32 * 32 or layout == "contiguous"
+        )
+        assert rec.count("dwsep.dw_fwd_stats.") == (1 if one_pass else 0), (shape, stride)
+        assert rec.count("dwsep.dw_stats.") == (0 if one_pass else 1), (shape, stride)
+        assert rec.count("dwsep.dw_fwd.") == (0 if one_pass else 1), (shape, stride)
 
 
 @pytest.mark.gpu

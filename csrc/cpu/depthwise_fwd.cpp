@@ -12,6 +12,9 @@
 // dw_stats is deterministic whatever the thread count: fixed chunks (NHWC: groups of output
 // rows; NCHW: planes, in row blocks) each produce (count, mean, M2) from a two-pass over small
 // in-cache blocks, merged with Chan's formula in a fixed order, the final merge in double.
+// dw_fwd_stats is the same pass (the same statistics, bit for bit) that also stores the conv
+// output z: the CPU training forward then runs the conv once (z, then bn_act) instead of twice
+// (dw_stats, then dw_fwd), since on a CPU the conv, not the traffic, bounds these kernels.
 #include <torch/library.h>
 
 #include "cpu/depthwise_common.h"
@@ -262,8 +265,9 @@ void dw_fwd_nchw(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
 // ---------------------------------------------------------------------------------------------
 // dw_stats
 
-template <typename T, int S>
-void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* var,
+// z: nullptr, or the conv output (NHWC) to store as the statistics are taken.
+template <typename T, int S, bool kZ>
+void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* var, T* z,
                    const DwShape& s) {
   using IO = VecIO<T>;
   using Acc = typename IO::Acc;
@@ -282,6 +286,7 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
   auto chunks = [&](auto& src, int64_t cb, int64_t ce) {
     auto row = [&](int64_t r, int64_t r0, Acc* km, Acc* k2) {
       const auto cv = src.taps(r / s.Ho, r % s.Ho);
+      [[maybe_unused]] T* const zr = kZ ? z + r * s.Wo * C : nullptr;
       for (int64_t wa = 0; wa < s.Wo; wa += WB) {
         const int64_t wb = std::min(s.Wo, wa + WB);
         tile_ready(src, wa, wb, WB);
@@ -289,11 +294,25 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
           Vec w[9];
           for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
           // Sums shifted by the tile's first value (merge_shifted_sums).
+          const int64_t nc = std::min(kV, C - c0);
+          auto keep = [&](int64_t wo, const Vec& zv) {
+            if constexpr (kZ) {
+              if (nc == kV) {
+                IO::store(zr + wo * C + c0, zv);
+              } else {
+                IO::store(zr + wo * C + c0, zv, nc);
+              }
+            }
+          };
           Vec K;
-          tile_z(src, cv, wa, wa + 1, c0, w, wt.data(), Cp, [&](int64_t, const Vec& z) { K = z; });
+          tile_z(src, cv, wa, wa + 1, c0, w, wt.data(), Cp, [&](int64_t wo, const Vec& zv) {
+            K = zv;
+            keep(wo, zv);
+          });
           Vec s1(0), s2(0);
-          tile_z(src, cv, wa + 1, wb, c0, w, wt.data(), Cp, [&](int64_t, const Vec& z) {
-            const Vec d = z - K;
+          tile_z(src, cv, wa + 1, wb, c0, w, wt.data(), Cp, [&](int64_t wo, const Vec& zv) {
+            keep(wo, zv);
+            const Vec d = zv - K;
             s1 = s1 + d;
             s2 = at::vec::fmadd(d, d, s2);
           });
@@ -318,8 +337,8 @@ void dw_stats_nhwc(const T* x, const at::Tensor& weight, double* mean, double* v
   });
 }
 
-template <typename T, int S>
-void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* var,
+template <typename T, int S, bool kZ>
+void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* var, T* z,
                    const DwShape& s) {
   using IO = VecIO<T>;
   using Acc = typename IO::Acc;
@@ -336,6 +355,7 @@ void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* v
     at::parallel_for(0, s.N * s.C, grain_for(HWo), [&](int64_t begin, int64_t end) {
       FlatPlane<T, S> fp(s.H, s.W);
       const Acc* valid = fp.valid();
+      std::vector<Acc> out(kZ ? fp.flat_len() : 0);
       for (int64_t p = begin; p < end; ++p) {
         const int64_t c = p % s.C;
         fp.load(x + p * HW);
@@ -346,10 +366,13 @@ void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* v
         const Vec K(k0[0]);
         Vec s1(0), s2(0);
         for (int64_t q = 0; q < fp.count(); q += kV) {
-          const Vec d = (fp.z(q, w) - K) * Vec::loadu(valid + q);
+          const Vec zq = fp.z(q, w);
+          if constexpr (kZ) zq.store(out.data() + q);
+          const Vec d = (zq - K) * Vec::loadu(valid + q);
           s1 = s1 + d;
           s2 = at::vec::fmadd(d, d, s2);
         }
+        if constexpr (kZ) fp.from_flat(out.data(), z + p * HWo);
         const double n = static_cast<double>(HWo), t1 = hsum(s1);
         pmean[p] = static_cast<double>(k0[0]) + t1 / n;
         pm2[p] = std::max(0.0, hsum(s2) - t1 * t1 / n);
@@ -375,6 +398,7 @@ void dw_stats_nchw(const T* x, const at::Tensor& weight, double* mean, double* v
             for (; wo + kV <= s.Wo; wo += kV) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo);
             if (wo < s.Wo) nchw_conv<S>(r, wo, w, rows.half()).store(zr + wo, s.Wo - wo);
           }
+          if constexpr (kZ) convert_from_acc<T>(zb.data(), z + p * HWo + h0 * s.Wo, nb);
           Vec sum(0);
           int64_t i = 0;
           for (; i + kV <= nb; i += kV) sum = sum + Vec::loadu(zb.data() + i);
@@ -436,26 +460,33 @@ at::Tensor dw_fwd_cpu(const at::Tensor& x, const at::Tensor& weight, const at::T
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> dw_stats_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                int64_t stride) {
-  constexpr const char* op = "dw_stats";
-  const DwShape s = check_dw_input(op, x, weight, stride);
-  const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor mean = new_output({s.C}, vopts);
-  at::Tensor var = new_output({s.C}, vopts);
+// dw_stats, and with z defined, dw_fwd_stats (z: x's shape and layout at the output size).
+void dw_stats_into(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                   const at::Tensor& mean, const at::Tensor& var, const at::Tensor& z,
+                   const DwShape& s) {
   if (s.N * s.Ho * s.Wo == 0) {  // no samples: mean 0, var 0
     mean.zero_();
     var.zero_();
-    return {mean, var};
+    return;
   }
   std::vector<double> m(s.C), v(s.C);
   DWSEP_CPU_DISPATCH(x.scalar_type(), "dwsep_dw_stats_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* zp = z.defined() ? z.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_stride(stride, [&](auto S) {
+      constexpr int kS = decltype(S)::value;
       if (s.nhwc) {
-        dw_stats_nhwc<scalar_t, decltype(S)::value>(xp, weight, m.data(), v.data(), s);
+        if (zp) {
+          dw_stats_nhwc<scalar_t, kS, true>(xp, weight, m.data(), v.data(), zp, s);
+        } else {
+          dw_stats_nhwc<scalar_t, kS, false>(xp, weight, m.data(), v.data(), nullptr, s);
+        }
       } else {
-        dw_stats_nchw<scalar_t, decltype(S)::value>(xp, weight, m.data(), v.data(), s);
+        if (zp) {
+          dw_stats_nchw<scalar_t, kS, true>(xp, weight, m.data(), v.data(), zp, s);
+        } else {
+          dw_stats_nchw<scalar_t, kS, false>(xp, weight, m.data(), v.data(), nullptr, s);
+        }
       }
     });
     using Acc = typename AccOf<scalar_t>::type;
@@ -466,7 +497,30 @@ std::tuple<at::Tensor, at::Tensor> dw_stats_cpu(const at::Tensor& x, const at::T
       vp[c] = static_cast<Acc>(v[c]);
     }
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> dw_stats_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                int64_t stride) {
+  constexpr const char* op = "dw_stats";
+  const DwShape s = check_dw_input(op, x, weight, stride);
+  const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor mean = new_output({s.C}, vopts);
+  at::Tensor var = new_output({s.C}, vopts);
+  dw_stats_into(x, weight, stride, mean, var, at::Tensor(), s);
   return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dw_fwd_stats_cpu(const at::Tensor& x,
+                                                                const at::Tensor& weight,
+                                                                int64_t stride) {
+  constexpr const char* op = "dw_fwd_stats";
+  const DwShape s = check_dw_input(op, x, weight, stride);
+  const auto vopts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor z = new_output({s.N, s.C, s.Ho, s.Wo}, x.options(), memory_format(s.nhwc));
+  at::Tensor mean = new_output({s.C}, vopts);
+  at::Tensor var = new_output({s.C}, vopts);
+  dw_stats_into(x, weight, stride, mean, var, z, s);
+  return {z, mean, var};
 }
 
 }  // namespace
@@ -475,6 +529,7 @@ std::tuple<at::Tensor, at::Tensor> dw_stats_cpu(const at::Tensor& x, const at::T
 TORCH_LIBRARY_IMPL(dwsep, CPU, m) {
   m.impl("dw_fwd", &cpu::dw_fwd_cpu);
   m.impl("dw_stats", &cpu::dw_stats_cpu);
+  m.impl("dw_fwd_stats", &cpu::dw_fwd_stats_cpu);
 }
 
 }  // namespace dwsep
