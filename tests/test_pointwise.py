@@ -63,23 +63,25 @@ def test_inference_without_grad_and_no_affine(backend, device, training):
 
 @pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "no-onednn"])
 @pytest.mark.parametrize(
-    ("layout", "hw"),
+    ("layout", "shape"),
     [
-        ("contiguous", (5, 6)),
-        ("contiguous", (28, 29)),
-        ("channels_last", (5, 6)),
-        ("channels_last", (15, 14)),
+        ("contiguous", (2, 12, 5, 6)),
+        ("contiguous", (2, 12, 28, 29)),
+        ("channels_last", (2, 12, 5, 6)),
+        ("channels_last", (2, 12, 15, 14)),
+        ("channels_last", (1, 600, 30, 30)),
     ],
 )
-def test_cpu_forward_paths(mkldnn, layout, hw):
+def test_cpu_forward_paths(mkldnn, layout, shape):
     """The CPU pw_fwd and pw_fwd_stats have three fp32 paths: oneDNN's convolution (on BN-folded
-    weights in inference; z, then the per-block statistics of z, in training) for channels_last
-    planes over 14x14 and NCHW planes under 28x28; one at::mm over the (N*H*W, Cin) matrix, then
-    the shift and activation (or the statistics) in one pass, for channels_last planes up to
-    14x14; and block-wise sgemm + fused epilogue (NCHW planes from 28x28, and whenever oneDNN is
-    disabled). Both against the oracle, every activation, inference and
-    training (batch statistics, running statistics, every gradient), outputs on both sides of
-    ReLU6's kinks."""
+    weights in inference; z, then the per-block statistics of z, in training) for NCHW planes
+    under 28x28 and channels_last inputs with planes over 14x14 and over 512K elements (here
+    600x30x30); one at::mm over the (N*H*W, Cin) matrix, then the shift and activation (or the
+    statistics) in one pass, for the other channels_last inputs (5x6: a small plane; 15x14: a
+    small input); and block-wise sgemm + fused epilogue (NCHW planes from 28x28, and whenever
+    oneDNN is disabled). Both against the oracle, every activation, inference and training
+    (batch statistics, running statistics, every gradient), outputs on both sides of ReLU6's
+    kinks."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
@@ -93,7 +95,7 @@ def test_cpu_forward_paths(mkldnn, layout, hw):
                     "cpu",
                     "cpu",
                     torch.float32,
-                    (2, 12, *hw),
+                    shape,
                     cout=19,
                     layout=layout,
                     training=training,

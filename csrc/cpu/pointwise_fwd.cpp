@@ -34,9 +34,10 @@ namespace {
 
 // NCHW planes below this many pixels go to oneDNN (see use_onednn).
 constexpr int64_t kOnednnMaxNchwPlane = 28 * 28;
-// channels_last planes up to this many pixels take one at::mm plus a scale/shift/activation
-// pass instead of oneDNN's 1x1 convolution (see use_mm_nhwc).
+// channels_last planes up to this many pixels, or inputs up to this many elements, take one
+// at::mm plus a scale/shift/activation pass instead of oneDNN's 1x1 convolution (use_mm_nhwc).
 constexpr int64_t kMmMaxNhwcPlane = 14 * 14;
+constexpr int64_t kMmMaxNhwcInput = 512 * 1024;
 
 template <typename T>
 at::Tensor acc_weight(const at::Tensor& weight) {
@@ -188,12 +189,15 @@ bool use_onednn(const PwShape& s, at::ScalarType dtype) {
   return s.nhwc || s.HW < kOnednnMaxNchwPlane;
 }
 
-// Small channels_last planes (HW <= kMmMaxNhwcPlane): the 1x1 convolution as one at::mm over
-// the (N*HW, Cin) matrix, returned as the channels_last (N, Cout, H, W) tensor. At 14x14 and
-// 7x7 torch's multi-threaded GEMM beats oneDNN's 1x1 convolution (by 5% and 20-25% on the 2-core
-// Intel Xeon host, MobileNetV1's shapes at batch 8; bench/NOTES.md, session 17).
+// Small channels_last planes (HW <= kMmMaxNhwcPlane) and small inputs (N*HW*Cin <=
+// kMmMaxNhwcInput): the 1x1 convolution as one at::mm over the (N*HW, Cin) matrix, returned as
+// the channels_last (N, Cout, H, W) tensor. Measured on the 2-core Intel Xeon host against
+// oneDNN's 1x1 convolution, MobileNetV1's shapes (bench/NOTES.md, sessions 17 and 18): at 14x14
+// and 7x7 torch's multi-threaded GEMM is faster at batch 8 (by 5% and 20-25%); on the larger
+// planes it is 5-25% faster on inputs up to ~400K elements (batch 1 and 2), even at ~800K and
+// 5-14% slower from 1.6M (batch 4 and 8).
 bool use_mm_nhwc(const PwShape& s) {
-  return s.nhwc && s.HW <= kMmMaxNhwcPlane;
+  return s.nhwc && (s.HW <= kMmMaxNhwcPlane || s.N * s.HW * s.Cin <= kMmMaxNhwcInput);
 }
 
 at::Tensor conv1x1_mm_nhwc(const at::Tensor& x, const at::Tensor& w, const PwShape& s) {
