@@ -33,6 +33,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from op_harness import OpRecorder
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import dwsep
@@ -256,6 +257,32 @@ def test_cpu_body_runs_channels_last():
     assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs_cl)
     for a, b in zip(outs, outs_cl):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_input_converted_once():
+    """The NCHW input goes to the channels_last body in one copy per forward, on the direct
+    inference path and on the module-by-module one (training; features_only), for the model
+    and its freeze(): a copy of an input-shaped tensor is made exactly once."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+
+    class InputCopies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default) and (
+                tuple(args[0].shape) == tuple(x.shape)
+            ):
+                InputCopies.n += 1
+            return func(*args, **(kwargs or {}))
+
+    for features_only in (False, True):
+        model = dwsep.MobileNetV1(alpha=0.25, features_only=features_only)
+        for m, grad in ((model.train(), True), (model.eval(), False), (model.freeze(), False)):
+            InputCopies.n = 0
+            with torch.set_grad_enabled(grad), InputCopies():
+                m(x)
+            assert InputCopies.n == 1, (type(m).__name__, m.training, features_only)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -264,19 +264,21 @@ class _DirectInference:
     model's ``_inference_plan(x)`` gives a plan, and the model's module-by-module path
     otherwise."""
 
+    # The module-by-module fallbacks take xb, so the input is converted to the body's layout
+    # once (forward_stem's own _body_input then finds it converted).
     def _features(self, x: Tensor) -> Tensor:
         xb = self._body_input(x)
         plan = self._inference_plan(xb)
         if plan is None:
-            return _MobileNetV1Base._features(self, x)
+            return _MobileNetV1Base._features(self, xb)
         return _run_plan(xb, plan, (len(plan.stage_ends) - 1,))[0]
 
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         xb = self._body_input(x)
+        fmt = memory_format(x)  # the caller's layout, not the body's
         plan = self._inference_plan(xb)
         if plan is None:
-            return _MobileNetV1Base.forward_stages(self, x)
-        fmt = memory_format(x)  # the caller's layout, not the body's
+            return _MobileNetV1Base._stages(self, xb, fmt)
         return [y.contiguous(memory_format=fmt) for y in _run_plan(xb, plan, self.out_indices)]
 
 
@@ -429,8 +431,11 @@ class _MobileNetV1Base(nn.Module):
     def forward_stages(self, x: Tensor) -> list[Tensor]:
         """The outputs of the stages in ``out_indices`` (output strides 2, 4, 8, 16, 32), in the
         input's memory format."""
-        y = self.forward_stem(x)
-        fmt = memory_format(x)
+        xb = self._body_input(x)
+        return self._stages(xb, memory_format(x))
+
+    def _stages(self, xb: Tensor, fmt: torch.memory_format) -> list[Tensor]:
+        y = self.forward_stem(xb)
         last = max(self.out_indices)
         feats = []
         for i, stage in enumerate(self.blocks):
