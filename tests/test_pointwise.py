@@ -63,30 +63,33 @@ def test_inference_without_grad_and_no_affine(backend, device, training):
 
 @pytest.mark.parametrize("mkldnn", [True, False], ids=["onednn", "no-onednn"])
 @pytest.mark.parametrize(
-    ("layout", "shape"),
+    ("layout", "shape", "cout"),
     [
-        ("contiguous", (2, 12, 5, 6)),
-        ("contiguous", (2, 12, 28, 29)),
-        ("channels_last", (2, 12, 5, 6)),
-        ("channels_last", (2, 12, 15, 14)),
-        ("channels_last", (1, 600, 30, 30)),
+        ("contiguous", (2, 12, 5, 6), 19),
+        ("contiguous", (2, 12, 28, 29), 19),
+        ("channels_last", (2, 12, 5, 6), 19),
+        ("channels_last", (2, 12, 15, 14), 19),
+        ("channels_last", (1, 600, 30, 30), 19),
+        ("channels_last", (1, 300, 7, 7), 301),
     ],
 )
-def test_cpu_forward_paths(mkldnn, layout, shape):
+def test_cpu_forward_paths(mkldnn, layout, shape, cout):
     """The CPU pw_fwd and pw_fwd_stats have three fp32 paths: oneDNN's convolution (on BN-folded
     weights in inference; z, then the per-block statistics of z, in training) for NCHW planes
     under 28x28 and channels_last inputs with planes over 14x14 and over 512K elements (here
     600x30x30); one at::mm over the (N*H*W, Cin) matrix, then the shift and activation (or the
     statistics) in one pass, for the other channels_last inputs (5x6: a small plane; 15x14: a
-    small input); and block-wise sgemm + fused epilogue (NCHW planes from 28x28, and whenever
-    oneDNN is disabled). Both against the oracle, every activation, inference and training
-    (batch statistics, running statistics, every gradient), outputs on both sides of ReLU6's
-    kinks."""
+    small input; 7x7 with 301 output channels: fewer than 64 rows, so the output channels are
+    split between two threads, unevenly); and block-wise sgemm + fused epilogue (NCHW planes
+    from 28x28, and whenever oneDNN is disabled). Both against the oracle, every activation,
+    inference and training (batch statistics, running statistics, every gradient), outputs on
+    both sides of ReLU6's kinks."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
-    saved = torch.backends.mkldnn.enabled
+    saved, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
     torch.backends.mkldnn.enabled = mkldnn
+    torch.set_num_threads(2)  # the split path needs two threads
     try:
         for training in (False, True):
             for i, act in enumerate(ACTS):
@@ -96,7 +99,7 @@ def test_cpu_forward_paths(mkldnn, layout, shape):
                     "cpu",
                     torch.float32,
                     shape,
-                    cout=19,
+                    cout=cout,
                     layout=layout,
                     training=training,
                     activation=act,
@@ -106,6 +109,7 @@ def test_cpu_forward_paths(mkldnn, layout, shape):
                 )
     finally:
         torch.backends.mkldnn.enabled = saved
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("backend", "device"), backend_params())

@@ -38,6 +38,12 @@ constexpr int64_t kOnednnMaxNchwPlane = 28 * 28;
 // at::mm plus a scale/shift/activation pass instead of oneDNN's 1x1 convolution (use_mm_nhwc).
 constexpr int64_t kMmMaxNhwcPlane = 14 * 14;
 constexpr int64_t kMmMaxNhwcInput = 512 * 1024;
+// GEMMs of fewer rows than this (the 7x7 layers at batch 1) and at least kMmSplitMinMacs
+// multiply-adds run as one single-threaded GEMM per thread over a share of at least
+// kMmSplitMinCols output channels (see conv1x1_mm_nhwc).
+constexpr int64_t kMmSplitMaxRows = 64;
+constexpr int64_t kMmSplitMinCols = 128;
+constexpr int64_t kMmSplitMinMacs = 1 << 22;  // below it, the parallel region costs more
 
 template <typename T>
 at::Tensor acc_weight(const at::Tensor& weight) {
@@ -200,10 +206,33 @@ bool use_mm_nhwc(const PwShape& s) {
   return s.nhwc && (s.HW <= kMmMaxNhwcPlane || s.N * s.HW * s.Cin <= kMmMaxNhwcInput);
 }
 
+// With few rows (M < kMmSplitMaxRows) the output channels are split among the threads, each
+// running its share as a single-threaded GEMM (inside at::parallel_for): the library's own
+// multi-threaded GEMM splits such shapes poorly. Measured on the 2-core Xeon host (fp32, two
+// threads, one GEMM against the split): 49x1024x1024 402 -> 346 us, 49x512x1024 196 -> 161 us
+// (the pw_fwd op: 422-427 -> 388-391 us, 208-226 -> 179-183 us); at 196 and 392 rows even; a
+// tiny GEMM (25x12x301) 8 -> 16 us, hence the work bound (bench/NOTES.md, session 18).
 at::Tensor conv1x1_mm_nhwc(const at::Tensor& x, const at::Tensor& w, const PwShape& s) {
+  const int64_t M = s.N * s.HW;
   at::Tensor y = at::empty({s.N, s.H, s.W, s.Cout}, x.options());
-  at::Tensor y2 = y.view({s.N * s.HW, s.Cout});
-  at::mm_out(y2, x.permute({0, 2, 3, 1}).reshape({s.N * s.HW, s.Cin}), w.t());
+  at::Tensor y2 = y.view({M, s.Cout});
+  const at::Tensor xm = x.permute({0, 2, 3, 1}).reshape({M, s.Cin});
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), s.Cout / kMmSplitMinCols);
+  if (M >= kMmSplitMaxRows || parts < 2 || M * s.Cin * s.Cout < kMmSplitMinMacs ||
+      at::in_parallel_region()) {
+    at::mm_out(y2, xm, w.t());
+    return y.permute({0, 3, 1, 2});
+  }
+  const int64_t per = ceil_div(s.Cout, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    at::NoGradGuard no_grad;  // grad mode is thread-local: the caller's guard is not seen here
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t c0 = i * per, n = std::min(per, s.Cout - c0);
+      if (n <= 0) continue;
+      at::Tensor yi = y2.narrow(1, c0, n);  // row-major with leading dimension Cout
+      at::mm_out(yi, xm, w.narrow(0, c0, n).t());
+    }
+  });
   return y.permute({0, 3, 1, 2});
 }
 
