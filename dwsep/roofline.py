@@ -38,8 +38,8 @@ accumulation dtype, fp32, or fp64 for fp64 inputs):
 once and writing its outputs once; for context)
     depthwise: inference dw_fwd; train_fwd dw_stats + dw_fwd (x read twice, the conv
     recomputed; the cpu backend instead writes z and reads it back where that measured
-    faster, ``ops._cpu_dw_one_pass``: counted here as the GPU schedule); fwd_bwd adds dw_bwd_reduce (reads grad_y, y, x) and dw_bwd (reads grad_y,
-    y, x, writes grad_x, grad_W).
+    faster, ``ops._cpu_dw_one_pass``: counted here as the GPU schedule); fwd_bwd adds
+    dw_bwd_reduce (reads grad_y, y, x) and dw_bwd (reads grad_y, y, x, writes grad_x, grad_W).
     pointwise: inference pw_fwd; train_fwd pw_fwd_stats (writes z) + bn_act (reads z,
     writes y); fwd_bwd adds pw_bwd_reduce (reads grad_y, z) and pw_bwd (reads grad_y, z, x,
     W, writes grad_x, grad_W).

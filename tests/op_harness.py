@@ -246,3 +246,20 @@ class OpRecorder(TorchDispatchMode):
 
     def count(self, prefix: str) -> int:
         return sum(n.startswith(prefix) for n in self.names)
+
+
+class CallCounter:
+    """Counts the calls of the functions or methods ``targets`` names (``(owner, attribute)``
+    pairs), patched through pytest's ``monkeypatch`` for the test's duration."""
+
+    def __init__(self, monkeypatch, targets):
+        self.calls = 0
+        for owner, name in targets:
+            monkeypatch.setattr(owner, name, self._counting(getattr(owner, name)))
+
+    def _counting(self, fn):
+        def wrapped(*args, **kwargs):
+            self.calls += 1
+            return fn(*args, **kwargs)
+
+        return wrapped

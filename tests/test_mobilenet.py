@@ -32,7 +32,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from op_harness import OpRecorder
+from op_harness import CallCounter, OpRecorder
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -950,21 +950,11 @@ def test_freeze(backend, layout):
     assert len(outs) == 2 and all(rel_err(a, b) < 1e-6 for a, b in zip(outs, expect))
 
 
-class CountFusedCalls:
+def count_fused_calls(monkeypatch) -> CallCounter:
     """Counts the calls of dwsep.nn's fused layer modules (the layer-by-layer path the model
     takes unless its direct inference path applies)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        for cls in (dwsep.nn.DepthwiseConvBNAct, dwsep.nn.PointwiseConvBNAct):
-            monkeypatch.setattr(cls, "forward", self._counting(cls.forward))
-
-    def _counting(self, fn):
-        def wrapped(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
+    mods = (dwsep.nn.DepthwiseConvBNAct, dwsep.nn.PointwiseConvBNAct)
+    return CallCounter(monkeypatch, [(cls, "forward") for cls in mods])
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -987,7 +977,7 @@ def test_eval_inference_folds_every_bn_at_once(backend, dtype, layout, monkeypat
     x = torch.randn(2, 3, res, res + 1, dtype=dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    count = CountFusedCalls(monkeypatch)
+    count = count_fused_calls(monkeypatch)
     tol = FP64_TOL if dtype == torch.float64 else FP32_TOL
     with dwsep.use_backend(backend), torch.no_grad():
         fast = model(x)
@@ -1033,7 +1023,7 @@ def test_eval_falls_back_to_layer_by_layer(backend, monkeypatch):
     model, ref = make_pair(0.25, dtype=torch.float32)
     model.eval(), ref.eval()
     x = torch.randn(2, 3, 64, 64)
-    count = CountFusedCalls(monkeypatch)
+    count = count_fused_calls(monkeypatch)
     with dwsep.use_backend(backend):
         expect = ref(x)
         assert rel_err(model(x), expect) < FP32_TOL  # grad mode on

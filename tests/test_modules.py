@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from op_harness import LAYOUTS, backend_params, to_layout
+from op_harness import LAYOUTS, CallCounter, backend_params, to_layout
 from torch import nn
 
 import dwsep
@@ -102,23 +102,6 @@ def test_module_matches_conv_bn_act(backend, device, config, kind, stride, layou
     assert_same(y, y_ref, f"{backend}/{config}/{kind}-s{stride}/{layout}/eval: output")
 
 
-class CountFunctional:
-    """Counts the calls of the functional fused ops made through dwsep.nn."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        for name in ("depthwise_conv_bn_act", "pointwise_conv_bn_act"):
-            fn = getattr(dwsep.nn.DF, name)
-            monkeypatch.setattr(dwsep.nn.DF, name, self._counting(fn))
-
-    def _counting(self, fn):
-        def wrapped(*args, **kwargs):
-            self.calls += 1
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-
 @pytest.mark.parametrize(("backend", "device"), backend_params())
 @pytest.mark.parametrize(("kind", "stride"), [("dw", 1), ("dw", 2), ("pw", 1)])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -133,7 +116,8 @@ def test_eval_without_grad_calls_the_kernel_directly(backend, device, kind, stri
     ref.eval(), fused.eval()
     seq = dwsep.nn.fuse_conv_bn_act(copy.deepcopy(ref)).eval()
     assert isinstance(seq, dwsep.nn.FusedSequential)
-    count = CountFunctional(monkeypatch)
+    names = ("depthwise_conv_bn_act", "pointwise_conv_bn_act")
+    count = CallCounter(monkeypatch, [(dwsep.nn.DF, n) for n in names])  # the functional ops
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(2, 6, 7, 9, generator=g, dtype=torch.float64) * 2).to(device)
     x = to_layout(x, layout)

@@ -474,19 +474,19 @@ void dw_stats_into(const at::Tensor& x, const at::Tensor& weight, int64_t stride
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* zp = z.defined() ? z.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_stride(stride, [&](auto S) {
-      constexpr int kS = decltype(S)::value;
-      if (s.nhwc) {
-        if (zp) {
-          dw_stats_nhwc<scalar_t, kS, true>(xp, weight, m.data(), v.data(), zp, s);
+      auto run = [&](auto Z) {  // Z: whether z is stored (a compile-time flag of the kernels)
+        constexpr int kS = decltype(S)::value;
+        constexpr bool kZ = decltype(Z)::value;
+        if (s.nhwc) {
+          dw_stats_nhwc<scalar_t, kS, kZ>(xp, weight, m.data(), v.data(), zp, s);
         } else {
-          dw_stats_nhwc<scalar_t, kS, false>(xp, weight, m.data(), v.data(), nullptr, s);
+          dw_stats_nchw<scalar_t, kS, kZ>(xp, weight, m.data(), v.data(), zp, s);
         }
+      };
+      if (zp) {
+        run(std::true_type{});
       } else {
-        if (zp) {
-          dw_stats_nchw<scalar_t, kS, true>(xp, weight, m.data(), v.data(), zp, s);
-        } else {
-          dw_stats_nchw<scalar_t, kS, false>(xp, weight, m.data(), v.data(), nullptr, s);
-        }
+        run(std::false_type{});
       }
     });
     using Acc = typename AccOf<scalar_t>::type;
