@@ -214,26 +214,41 @@ def _stats(training, batch_mean, batch_var, running_mean, running_var, eps, acc)
 # batch 8, MobileNetV1 shapes; bench/NOTES.md, session 18): one pass is 1.3-1.8x faster at
 # stride 2 and on planes up to 28x28, and 1.1-1.4x on larger NCHW planes, but 0.8x on larger
 # channels_last planes at stride 1, where the conv reads its rows in place and is cheap, so z's
-# extra write and read cost more than the second conv.
+# extra write and read cost more than the second conv. When a backward follows (keep_z), z is
+# kept for it on every plane: the backward's reduction then reads z (pw_bwd_reduce) instead of
+# convolving x again, which saves more than the forward's second conv costs (session 19).
 CPU_DW_ONE_PASS_MAX_NHWC_S1_PLANE = 32 * 32
 
 
-def _cpu_dw_one_pass(x: Tensor, stride: int) -> bool:
-    if stride != 1 or x.shape[2] * x.shape[3] <= CPU_DW_ONE_PASS_MAX_NHWC_S1_PLANE:
+def _cpu_dw_one_pass(x: Tensor, stride: int, keep_z: bool) -> bool:
+    if keep_z or stride != 1 or x.shape[2] * x.shape[3] <= CPU_DW_ONE_PASS_MAX_NHWC_S1_PLANE:
         return True
     return memory_format(x) != torch.channels_last
 
 
 def dw_forward(
-    x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training, eps, act
+    x,
+    weight,
+    bn_weight,
+    bn_bias,
+    running_mean,
+    running_var,
+    backend,
+    stride,
+    training,
+    eps,
+    act,
+    keep_z=False,
 ):
     """The depthwise forward on a kernel backend, with no autograd: (y, batch_mean, batch_var,
-    mean, invstd, scale); the batch statistics are None in eval. Called directly when no
-    gradient is needed (no autograd.Function overhead), and by the Function otherwise."""
+    z, mean, invstd, scale, shift); the batch statistics are None in eval, z (the conv output)
+    None unless the CPU training forward made it in one pass (keep_z: a backward follows, so
+    make it wherever it can be made). Called directly when no gradient is needed (no
+    autograd.Function overhead), and by the Function otherwise."""
     ops = op_table(backend)
     acc = acc_dtype(x.dtype)
     z = batch_mean = batch_var = None
-    if training and backend == "cpu" and x.dtype == acc and _cpu_dw_one_pass(x, stride):
+    if training and backend == "cpu" and x.dtype == acc and _cpu_dw_one_pass(x, stride, keep_z):
         # One conv pass that keeps z, then normalize + activate (see above). fp16/bf16 keep
         # the two passes, so that z is never rounded before the BN.
         z, batch_mean, batch_var = ops.dw_fwd_stats(x, weight, stride)
@@ -245,7 +260,7 @@ def dw_forward(
         y = ops.bn_act(z, scale, shift, act)
     else:
         y = ops.dw_fwd(x, weight, scale, shift, stride, act)
-    return y, batch_mean, batch_var, mean, invstd, scale
+    return y, batch_mean, batch_var, z, mean, invstd, scale, shift
 
 
 def pw_forward(
@@ -298,12 +313,14 @@ class DepthwiseConvBNActFn(torch.autograd.Function):
         eps,
         act,
     ):
-        y, batch_mean, batch_var, mean, invstd, scale = dw_forward(
-            x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training, eps, act
+        y, batch_mean, batch_var, z, mean, invstd, scale, shift = dw_forward(
+            x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training, eps, act, True
         )  # fmt: skip
         if batch_mean is None:
             batch_mean, batch_var = _no_stats(x)
-        ctx.save_for_backward(x, weight, y, mean, invstd, scale, bn_weight)
+        # z (CPU training only): the reduction reads it instead of convolving x again. It costs
+        # one output-sized tensor, as eager's BN saves its input.
+        ctx.save_for_backward(x, weight, y, z, mean, invstd, scale, shift, bn_weight)
         ctx.cfg = (backend, stride, training, act)
         ctx.beta_dtype = bn_bias.dtype if bn_bias is not None else None
         ctx.mark_non_differentiable(batch_mean, batch_var)
@@ -312,14 +329,16 @@ class DepthwiseConvBNActFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the kernels have no derivative: a second backward raises
     def backward(ctx, grad_y, _gm, _gv):
-        x, weight, y, mean, invstd, scale, bn_weight = ctx.saved_tensors
+        x, weight, y, z, mean, invstd, scale, shift, bn_weight = ctx.saved_tensors
         backend, stride, training, act = ctx.cfg
         ops = op_table(backend)
         need = ctx.needs_input_grad
         grad_y = grad_y.contiguous(memory_format=memory_format(y))
         gx = gw = g_gamma = g_beta = None
         sum_gz = sum_gzxh = None
-        if training or need[2] or need[3]:
+        if z is not None:  # the same sums from the kept conv output, no conv
+            sum_gz, sum_gzxh = ops.pw_bwd_reduce(grad_y, z, scale, shift, mean, invstd, act)
+        elif training or need[2] or need[3]:
             sum_gz, sum_gzxh = ops.dw_bwd_reduce(grad_y, y, x, weight, mean, invstd, stride, act)
         if need[0] or need[1]:
             count = y.shape[0] * y.shape[2] * y.shape[3]

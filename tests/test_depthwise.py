@@ -287,27 +287,34 @@ def test_cpu_dw_fwd_stats(layout, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cpu_training_forward_paths(layout, dtype):
     """The cpu backend's depthwise training forward: one conv pass (dw_fwd_stats, then bn_act)
-    for fp32/fp64 at stride 2, on planes up to 32x32 and on larger NCHW planes; two passes
-    (dw_stats, then dw_fwd) for larger channels_last planes at stride 1 and for fp16/bf16.
+    for fp32/fp64 at stride 2, on planes up to 32x32 and on larger NCHW planes, and on every
+    plane when a backward follows (z is kept, and the backward's reduction reads it through
+    pw_bwd_reduce instead of convolving x again in dw_bwd_reduce); two passes (dw_stats, then
+    dw_fwd) for larger channels_last planes at stride 1 without gradients and for fp16/bf16.
     Each path against the oracle: output, batch and running statistics, every gradient."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
-    for i, (shape, stride) in enumerate(
-        [((2, 8, 33, 34), 1), ((2, 16, 9, 30), 1), ((1, 8, 35, 33), 2)]
-    ):
-        rec = OpRecorder()
-        with rec:
-            run_and_compare(
-                "depthwise", "cpu", "cpu", dtype, shape, stride=stride, layout=layout,
-                training=True, activation=ACTS[i % 3], seed=i, wide=True,
-            )  # fmt: skip
-        one_pass = dtype != torch.bfloat16 and (
-            stride == 2 or shape[2] * shape[3] <= 32 * 32 or layout == "contiguous"
-        )
-        assert rec.count("dwsep.dw_fwd_stats.") == (1 if one_pass else 0), (shape, stride)
-        assert rec.count("dwsep.dw_stats.") == (0 if one_pass else 1), (shape, stride)
-        assert rec.count("dwsep.dw_fwd.") == (0 if one_pass else 1), (shape, stride)
+    cases = [((2, 8, 33, 34), 1), ((2, 16, 9, 30), 1), ((1, 8, 35, 33), 2)]
+    for grads in (False, True):
+        for i, (shape, stride) in enumerate(cases):
+            rec = OpRecorder()
+            with rec:
+                run_and_compare(
+                    "depthwise", "cpu", "cpu", dtype, shape, stride=stride, layout=layout,
+                    training=True, activation=ACTS[i % 3], seed=i, wide=True, grads=grads,
+                )  # fmt: skip
+            one_pass = dtype != torch.bfloat16 and (
+                grads or stride == 2 or shape[2] * shape[3] <= 32 * 32 or layout == "contiguous"
+            )
+            what = (shape, stride, grads)
+            assert rec.count("dwsep.dw_fwd_stats.") == (1 if one_pass else 0), what
+            assert rec.count("dwsep.dw_stats.") == (0 if one_pass else 1), what
+            assert rec.count("dwsep.dw_fwd.") == (0 if one_pass else 1), what
+            if grads:
+                assert rec.count("dwsep.pw_bwd_reduce.") == (1 if one_pass else 0), what
+                assert rec.count("dwsep.dw_bwd_reduce.") == (0 if one_pass else 1), what
+                assert rec.count("dwsep.dw_bwd.") == 1, what
 
 
 @pytest.mark.gpu
