@@ -153,6 +153,18 @@ def test_cpu_channels_last_rows_in_place(dtype, stride):
     _cpu_shapes_train_and_eval(shapes, dtype, stride, "channels_last", seed=10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_channels_last_forward_stores(dtype, stride):
+    # How the C++ channels_last forward stores y from the row ring (planes under 28 wide, or
+    # stride 2), fp32/fp64 with C a multiple of the vector: pixel-major straight to y when the
+    # channel blocks' constants (11 vectors per block) fit in 24 KB (C = 16, 136: fp32 and
+    # fp64), block-major straight to y beyond that (C = 576: both; C = 296: fp64 only); a ragged
+    # C (13) goes through the staging tile. Several column tiles per row (W = 23 and up).
+    shapes = [(2, 16, 5, 23), (1, 136, 4, 25), (1, 576, 3, 23), (1, 296, 3, 26), (2, 13, 4, 27)]
+    _cpu_shapes_train_and_eval(shapes, dtype, stride, "channels_last", seed=30)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("stride", [1, 2])
 def test_cpu_channels_last_backward_bands(dtype, stride):

@@ -51,7 +51,7 @@ void dw_bwd_reduce_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& w
       const auto cv = src.taps(r / s.Ho, r % s.Ho);
       const T* gr = gy + r * s.Wo * C;
       const T* yr = y + r * s.Wo * C;
-      // Captured by value (see dw_fwd_nhwc_in_place); a group's sums stay in registers.
+      // Captured by value (see dw_fwd_nhwc_pixels); a group's sums stay in registers.
       auto sums = [gr, yr, k1, k2, C](int64_t wo, int64_t c0, const Vec* zs, int n, const Acc* kb) {
         const Vec m = BlockConstants<Acc>::extra(kb, 0), iv = BlockConstants<Acc>::extra(kb, 1);
         Vec a1 = Vec::loadu(k1 + c0), a2 = Vec::loadu(k2 + c0);
@@ -256,7 +256,7 @@ void dw_bwd_nhwc(const T* gy, const T* y, const T* x, const at::Tensor& weight,
     const T* gr = gy + r * s.Wo * C;
     const T* yr = y + r * s.Wo * C;
     Acc* g = grow + P;
-    // Captured by value (see dw_fwd_nhwc_in_place).
+    // Captured by value (see dw_fwd_nhwc_pixels).
     auto g_conv = [gr, yr, g, C, P](int64_t wo, int64_t c0, const Vec* zs, int n, const Acc* kb) {
       using K = BlockConstants<Acc>;
       const Vec kv = K::extra(kb, 0), bv = K::extra(kb, 1), cvv = K::extra(kb, 2);

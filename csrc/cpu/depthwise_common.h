@@ -404,12 +404,22 @@ inline std::vector<typename AccOf<T>::type> dw_weight_taps(const at::Tensor& wei
   return wt;
 }
 
-// Prefetch the cache lines of base[begin, end) (rw: 0 read, 1 write).
-template <int rw = 0, typename T>
+// Prefetch the cache lines of base[begin, end) for reading, into L2 and up. On x86 as an
+// asm statement the compiler must keep: GCC 12's dead-code elimination removed a loop of
+// __builtin_prefetch calls from the in-place NHWC kernels (no prefetch instruction in their
+// code), which made the 28x28x256 stride-1 forward 1.25x slower with x read from memory
+// (bench/NOTES.md, session 19). test_cpu_prefetch_emitted checks the built library.
+template <typename T>
 inline void prefetch_span(const T* base, int64_t begin, int64_t end) {
   const char* p = reinterpret_cast<const char*>(base + begin);
   const char* e = reinterpret_cast<const char*>(base + end);
-  for (; p < e; p += 64) __builtin_prefetch(p, rw, 2);
+  for (; p < e; p += 64) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    asm volatile("prefetcht1 %0" : : "m"(*p));
+#else
+    __builtin_prefetch(p, 0, 2);
+#endif
+  }
 }
 
 // Buffer strides (elements) that avoid 4 KiB aliasing: a stride that is a multiple of 512 bytes

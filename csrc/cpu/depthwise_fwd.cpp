@@ -3,11 +3,13 @@
 //
 // NHWC: parallel over output rows (n, ho); vectors over C with the 9 taps, scale and shift of a
 // channel block held in registers while the block sweeps a column tile of the row (input rows
-// converted into a padded ring, outputs staged in a tile); at stride 1, fp32/fp64 planes at
-// least 28 wide read x and write y in place instead (NhwcInPlace). NCHW: parallel over planes
-// (n, c); vectors along W over zero-padded (stride 2: even/odd split) row buffers, each input
-// row converted once; fp32 at stride 2 with outputs at most 16 wide, eight planes at a time, one
-// per vector lane (dw_fwd_nchw_lanes). All read x once and write y once.
+// converted into a padded ring; fp32/fp64 outputs stored straight to y, pixel-major where the
+// blocks' constants stay in L1, fp16/bf16 and ragged channel counts staged in a tile); at
+// stride 1, fp32/fp64 planes at least 28 wide read x in place instead of the ring
+// (NhwcInPlace). NCHW: parallel over planes (n, c); vectors along W over zero-padded (stride 2:
+// even/odd split) row buffers, each input row converted once; fp32 at stride 2 with outputs at
+// most 16 wide, eight planes at a time, one per vector lane (dw_fwd_nchw_lanes). All read x
+// once and write y once.
 //
 // dw_stats is deterministic whatever the thread count: fixed chunks (NHWC: groups of output
 // rows; NCHW: planes, in row blocks) each produce (count, mean, M2) from a two-pass over small
@@ -23,18 +25,37 @@ namespace dwsep {
 namespace cpu {
 namespace {
 
-// NHWC with the rows read in place (nhwc_in_place): no ring copy and no staging tile; each
-// output pixel's channel blocks are stored one after another, straight into y.
-template <typename T, int S, int kAct>
-void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std::vector<T>& sc,
-                          const std::vector<T>& sh, const DwShape& s) {
+// Whether the NHWC forward stores its outputs straight to y (fp32/fp64, C a multiple of the
+// vector) instead of staging each tile in an Acc buffer: pixel-major (each output pixel's channel
+// blocks one after another) from the rows in place, and from the ring when the per-block
+// constants (nine taps, scale, shift) fit in kNhwcPixelMajorMaxConstBytes (up to 512 fp32
+// channels); block-major otherwise. Measured against the ring's staging tile (fp32,
+// channels_last, batch 8, 2 threads, 6 inputs rotated, alternated in one process; bench/NOTES.md,
+// session 19), ring pixel-major: 112x112x64 s2 1.27-1.31 -> 1.05-1.09 ms, 56x56x128 s2 0.54-0.60
+// -> 0.45-0.50, 28x28x256 s2 0.26-0.29 -> 0.23-0.26, 14x14x512 s1 0.28-0.30 -> 0.22-0.25,
+// 14x14x512 s2 0.13 -> 0.12; with 1024 channels (45 KB of constants) pixel-major was 0-3% slower
+// than the staging tile, and block-major direct stores 8-12% faster.
+constexpr int64_t kNhwcPixelMajorMaxConstBytes = 24 * 1024;
+
+template <typename T>
+inline bool nhwc_direct_stores(const DwShape& s) {
+  return std::is_same_v<T, typename AccOf<T>::type> && s.C % VecIO<T>::kV == 0;
+}
+
+// NHWC, outputs stored straight to y pixel-major, from either row source: the rows in place
+// (no ring copy; the border outputs 0 and [ie, Wo) through edge(), the interior in column
+// tiles) or the ring (every output in column tiles).
+template <typename T, int S, int kAct, class Src>
+void dw_fwd_nhwc_pixels(const T* x, T* y, const std::vector<T>& wt, const std::vector<T>& sc,
+                        const std::vector<T>& sh, const DwShape& s) {
   using Vec = Vectorized<T>;
+  constexpr bool kInPlace = std::is_same_v<Src, NhwcInPlace<T, S>>;
   const int64_t C = s.C;
-  const int64_t WB = nhwc_col_tile(C, S, sizeof(T));
+  const int64_t WB = nhwc_col_tile(kInPlace ? C : pixel_stride<T>(C), S, sizeof(T));
   // Per channel block: the nine taps, scale, shift (tile_z_pixels).
   const BlockConstants<T> consts(wt, C, C, {sc.data(), sh.data()});
   at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
-    NhwcInPlace<T, S> src(x, s);
+    Src src(x, s);
     for (int64_t r = begin; r < end; ++r) {
       const auto cv = src.taps(r / s.Ho, r % s.Ho);
       T* const yr = y + r * s.Wo * C;
@@ -44,15 +65,18 @@ void dw_fwd_nhwc_in_place(const T* x, T* y, const std::vector<T>& wt, const std:
         for (int k = 0; k < n; ++k)
           act_vec<kAct>(at::vec::fmadd(zs[k], a, b)).store(yr + (wo + k) * C + c0);
       };
-      // The border outputs (0 and [ie, Wo)) through edge(), the interior in column tiles.
-      const int64_t ie = src.interior_end();
-      tile_z_pixels(src, cv, 0, 1, C, consts, wt.data(), C, out);
-      for (int64_t wa = 1; wa < ie; wa += WB) {
+      int64_t ia = 0, ie = s.Wo;
+      if constexpr (kInPlace) {
+        ia = 1;
+        ie = src.interior_end();
+        tile_z_pixels(src, cv, 0, 1, C, consts, wt.data(), C, out);
+      }
+      for (int64_t wa = ia; wa < ie; wa += WB) {
         const int64_t wb = std::min(ie, wa + WB);
         tile_ready(src, wa, wb, WB);
         tile_z_pixels(src, cv, wa, wb, C, consts, wt.data(), C, out);
       }
-      tile_z_pixels(src, cv, ie, s.Wo, C, consts, wt.data(), C, out);
+      if constexpr (kInPlace) tile_z_pixels(src, cv, ie, s.Wo, C, consts, wt.data(), C, out);
     }
   });
 }
@@ -68,16 +92,22 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
   const auto wt = dw_weight_taps<T>(weight, C, Cp);
   const auto sc = padded_vec<Acc>(scale, Cp);
   const auto sh = padded_vec<Acc>(shift, Cp);
-  if constexpr (S == 1 && std::is_same_v<T, Acc>) {
-    if (nhwc_in_place<T, S>(s)) return dw_fwd_nhwc_in_place<T, S, kAct>(x, y, wt, sc, sh, s);
+  const bool direct = nhwc_direct_stores<T>(s);
+  if constexpr (std::is_same_v<T, Acc>) {
+    if constexpr (S == 1) {
+      if (nhwc_in_place<T, S>(s))
+        return dw_fwd_nhwc_pixels<T, S, kAct, NhwcInPlace<T, S>>(x, y, wt, sc, sh, s);
+    }
+    if (direct && 11 * C * static_cast<int64_t>(sizeof(Acc)) <= kNhwcPixelMajorMaxConstBytes)
+      return dw_fwd_nhwc_pixels<T, S, kAct, NhwcRows<T, S>>(x, y, wt, sc, sh, s);
   }
   const int64_t P = pixel_stride<Acc>(C);
   const int64_t WB = nhwc_col_tile(P, S, sizeof(Acc));
   at::parallel_for(0, s.N * s.Ho, grain_for(s.Wo * C), [&](int64_t begin, int64_t end) {
     NhwcRows<T, S> ring(x, s);
-    // The outputs of a tile are staged in L1 and written out as one sequential run (channel
-    // blocks written straight to y would touch each pixel's cache lines once per block).
-    std::vector<Acc> tile(WB * P);
+    // Each channel block of a tile is stored straight to y (direct), or staged in L1 and the
+    // tile written out as one sequential run (converted to T, or with a ragged last block).
+    std::vector<Acc> tile(direct ? 0 : WB * P);
     for (int64_t r = begin; r < end; ++r) {
       const auto cv = ring.taps(r / s.Ho, r % s.Ho);
       T* yr = y + r * s.Wo * C;
@@ -88,11 +118,20 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
           Vec w[9];
           for (int t = 0; t < 9; ++t) w[t] = Vec::loadu(wt.data() + t * Cp + c0);
           const Vec a = Vec::loadu(sc.data() + c0), b = Vec::loadu(sh.data() + c0);
+          if constexpr (std::is_same_v<T, Acc>) {
+            if (direct) {
+              cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
+                act_vec<kAct>(at::vec::fmadd(z, a, b)).store(yr + wo * C + c0);
+              });
+              continue;
+            }
+          }
           Acc* tw = tile.data() - wa * P + c0;
           cv.sweep(wa, wb, c0, w, [&](int64_t wo, const Vec& z) {
             act_vec<kAct>(at::vec::fmadd(z, a, b)).store(tw + wo * P);
           });
         }
+        if (direct) continue;
         if (C == P) {
           convert_from_acc<T>(tile.data(), yr + wa * C, (wb - wa) * C);
         } else {
