@@ -259,6 +259,32 @@ def test_cpu_body_runs_channels_last():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", backends(heavy=True))
+def test_inference_mode(backend):
+    """Deployment runs the eval model under torch.inference_mode: the eval model, freeze() and
+    features_only give the outputs they give under no_grad, and the reference's. On the CPU
+    backends at alpha 1.0, 224x224, batch 1 (the Triton interpreter: the small config): there
+    the 7x7 pointwise GEMMs split their output channels among threads, whose workers do not see
+    the caller's inference mode (thread-local)."""
+    alpha, res = (1.0, 224) if backend != "triton" else small_config(backend)
+    model, ref = make_pair(alpha, dtype=torch.float32)
+    model.eval()
+    ref.eval()
+    staged = MobileNetV1(alpha=alpha, num_classes=10, features_only=True)
+    staged.load_state_dict(model.state_dict(), strict=False)
+    staged.eval()
+    x = torch.randn(1, 3, res, res)
+    with dwsep.use_backend(backend):
+        frozen = model.freeze()
+        with torch.no_grad():
+            want = [ref(x), model(x), frozen(x), *staged(x)]
+        with torch.inference_mode():
+            got = [ref(x), model(x), frozen(x), *staged(x)]
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"output {i}")
+    torch.testing.assert_close(got[1], got[0], rtol=1e-4, atol=1e-4)
+
+
 def test_cpu_input_converted_once():
     """The NCHW input goes to the channels_last body in one copy per forward, on the direct
     inference path and on the module-by-module one (training; features_only), for the model

@@ -83,7 +83,8 @@ def test_cpu_forward_paths(mkldnn, layout, shape, cout):
     split between two threads, unevenly); and block-wise sgemm + fused epilogue (NCHW planes
     from 28x28, and whenever oneDNN is disabled). Both against the oracle, every activation,
     inference and training (batch statistics, running statistics, every gradient), outputs on
-    both sides of ReLU6's kinks."""
+    both sides of ReLU6's kinks. Inference also under torch.inference_mode, which (like grad
+    mode) is thread-local: the split's worker threads do not see it."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
@@ -91,22 +92,23 @@ def test_cpu_forward_paths(mkldnn, layout, shape, cout):
     torch.backends.mkldnn.enabled = mkldnn
     torch.set_num_threads(2)  # the split path needs two threads
     try:
-        for training in (False, True):
+        for training, inference_mode in ((False, False), (False, True), (True, False)):
             for i, act in enumerate(ACTS):
-                run_and_compare(
-                    "pointwise",
-                    "cpu",
-                    "cpu",
-                    torch.float32,
-                    shape,
-                    cout=cout,
-                    layout=layout,
-                    training=training,
-                    activation=act,
-                    grads=training,
-                    seed=i,
-                    wide=True,
-                )
+                with torch.inference_mode(inference_mode):
+                    run_and_compare(
+                        "pointwise",
+                        "cpu",
+                        "cpu",
+                        torch.float32,
+                        shape,
+                        cout=cout,
+                        layout=layout,
+                        training=training,
+                        activation=act,
+                        grads=training,
+                        seed=i,
+                        wide=True,
+                    )
     finally:
         torch.backends.mkldnn.enabled = saved
         torch.set_num_threads(threads)

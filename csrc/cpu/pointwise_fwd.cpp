@@ -224,13 +224,16 @@ at::Tensor conv1x1_mm_nhwc(const at::Tensor& x, const at::Tensor& w, const PwSha
     return y.permute({0, 3, 1, 2});
   }
   const int64_t per = ceil_div(s.Cout, parts);
+  // The workers call the CPU kernel itself (at::cpu::mm_out), not the dispatcher: grad mode and
+  // inference mode are thread-local, so through the dispatcher a worker saw neither the caller's
+  // no_grad (mm_out refused a weight that requires grad) nor its inference_mode (writing into
+  // an inference tensor outside inference mode is refused).
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    at::NoGradGuard no_grad;  // grad mode is thread-local: the caller's guard is not seen here
     for (int64_t i = b; i < e; ++i) {
       const int64_t c0 = i * per, n = std::min(per, s.Cout - c0);
       if (n <= 0) continue;
       at::Tensor yi = y2.narrow(1, c0, n);  // row-major with leading dimension Cout
-      at::mm_out(yi, xm, w.narrow(0, c0, n).t());
+      at::cpu::mm_out(yi, xm, w.narrow(0, c0, n).t());
     }
   });
   return y.permute({0, 3, 1, 2});
