@@ -227,19 +227,9 @@ def _cpu_dw_one_pass(x: Tensor, stride: int, keep_z: bool) -> bool:
 
 
 def dw_forward(
-    x,
-    weight,
-    bn_weight,
-    bn_bias,
-    running_mean,
-    running_var,
-    backend,
-    stride,
-    training,
-    eps,
-    act,
+    x, weight, bn_weight, bn_bias, running_mean, running_var, backend, stride, training, eps, act,
     keep_z=False,
-):
+):  # fmt: skip
     """The depthwise forward on a kernel backend, with no autograd: (y, batch_mean, batch_var,
     z, mean, invstd, scale, shift); the batch statistics are None in eval, z (the conv output)
     None unless the CPU training forward made it in one pass (keep_z: a backward follows, so

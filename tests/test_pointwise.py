@@ -96,19 +96,9 @@ def test_cpu_forward_paths(mkldnn, layout, shape, cout):
             for i, act in enumerate(ACTS):
                 with torch.inference_mode(inference_mode):
                     run_and_compare(
-                        "pointwise",
-                        "cpu",
-                        "cpu",
-                        torch.float32,
-                        shape,
-                        cout=cout,
-                        layout=layout,
-                        training=training,
-                        activation=act,
-                        grads=training,
-                        seed=i,
-                        wide=True,
-                    )
+                        "pointwise", "cpu", "cpu", torch.float32, shape, cout=cout, layout=layout,
+                        training=training, activation=act, grads=training, seed=i, wide=True,
+                    )  # fmt: skip
     finally:
         torch.backends.mkldnn.enabled = saved
         torch.set_num_threads(threads)
