@@ -1209,7 +1209,8 @@ def test_gpu_bf16_channels_last_and_cuda_graph(backend):
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 def test_gpu_freeze_and_graphed_bench_step(backend):
     """freeze() on the GPU (bf16, channels_last): the eval model's outputs, CUDA-graph capture
-    of the frozen copy, and the report's '+frozen' / '+graph' model steps against eager."""
+    of the frozen copy, both models under torch.inference_mode, and the report's '+frozen' /
+    '+graph' model steps against eager."""
     from dwsep import report as R
 
     if backend not in dwsep.available_backends("cuda"):
@@ -1224,6 +1225,9 @@ def test_gpu_freeze_and_graphed_bench_step(backend):
         assert rel_err(y, model(x)) < (1e-6 if backend != "torch" else 2e-2)
         static_y, new_x = _graph_replay(frozen, x)
         assert rel_err(static_y, frozen(new_x)) < 1e-6
+    with dwsep.use_backend(backend), torch.inference_mode():  # deployment's usual context
+        assert rel_err(frozen(x), y) < 1e-6
+        assert rel_err(model(x), y) < (1e-6 if backend != "torch" else 2e-2)
 
     mi = R.make_model_inputs(0.25, 64, 4, torch.bfloat16, "channels_last", torch.device("cuda"))
     want = R._detach(R.model_step(mi, "eager", "inference")(0))
