@@ -264,15 +264,17 @@ def test_opcheck(backend, device, layout, op):
 def test_cpu_dw_fwd_stats(layout, dtype):
     """dwsep::dw_fwd_stats, the CPU training forward's single conv pass: z is the conv (against
     F.conv2d in float64), in x's dtype and layout, and the batch statistics are dw_stats's bit
-    for bit, on every path of the kernel: NHWC through the row ring (C = 5, 3, 11) and rows
-    read in place (C = 16, W >= 28), NCHW over flat small planes and in row blocks (W > 64, and
-    more than 4096 outputs, so several blocks per plane); strides 1 and 2. Then opcheck."""
+    for bit, on every path of the kernel: NHWC through the row ring (C = 5, 3, 11, 24, 16 at
+    stride 2) and rows read in place (C = 16 and 520, W >= 28; 520 channels over several column
+    tiles), NCHW over flat small planes and in row blocks (W > 64, and more than 4096 outputs, so
+    several blocks per plane); strides 1 and 2. Then opcheck."""
     reason = dwsep.testing.skip_reason("cpu", "cpu")
     if reason:
         pytest.skip(reason)
     ops = torch.ops.dwsep
     gen = torch.Generator().manual_seed(7)
-    for shape in [(2, 5, 7, 6), (1, 16, 9, 30), (1, 3, 70, 66), (3, 11, 13, 17)]:
+    shapes = [(2, 5, 7, 6), (1, 16, 9, 30), (1, 3, 70, 66), (3, 11, 13, 17), (2, 24, 5, 13)]
+    for shape in [*shapes, (1, 520, 3, 50)]:
         C = shape[1]
         x = to_layout(torch.randn(*shape, generator=gen).to(dtype), layout)
         weight = torch.randn(C, 1, 3, 3, generator=gen).to(dtype)
