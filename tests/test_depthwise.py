@@ -273,8 +273,11 @@ def test_cpu_dw_fwd_stats(layout, dtype):
         pytest.skip(reason)
     ops = torch.ops.dwsep
     gen = torch.Generator().manual_seed(7)
-    shapes = [(2, 5, 7, 6), (1, 16, 9, 30), (1, 3, 70, 66), (3, 11, 13, 17), (2, 24, 5, 13)]
-    for shape in [*shapes, (1, 520, 3, 50)]:
+    shapes = [
+        (2, 5, 7, 6), (1, 16, 9, 30), (1, 3, 70, 66), (3, 11, 13, 17), (2, 24, 5, 13),
+        (1, 520, 3, 50),
+    ]  # fmt: skip
+    for shape in shapes:
         C = shape[1]
         x = to_layout(torch.randn(*shape, generator=gen).to(dtype), layout)
         weight = torch.randn(C, 1, 3, 3, generator=gen).to(dtype)

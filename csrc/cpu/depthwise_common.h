@@ -491,6 +491,11 @@ struct BlockConstants {
 
   bool empty() const { return data.empty(); }
 
+  // Bytes of the constants of C channels with `extras` extra vectors per block.
+  static int64_t bytes(int64_t C, int64_t extras) {
+    return (9 + extras) * C * static_cast<int64_t>(sizeof(Acc));
+  }
+
   // Extra e (0-based, in the constructor's order) of the block whose constants start at kb.
   static Vectorized<Acc> extra(const Acc* kb, int e) {
     return Vectorized<Acc>::loadu(kb + (9 + e) * kV);

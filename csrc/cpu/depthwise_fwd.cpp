@@ -98,7 +98,7 @@ void dw_fwd_nhwc(const T* x, T* y, const at::Tensor& weight, const at::Tensor& s
       if (nhwc_in_place<T, S>(s))
         return dw_fwd_nhwc_pixels<T, S, kAct, NhwcInPlace<T, S>>(x, y, wt, sc, sh, s);
     }
-    if (direct && 11 * C * static_cast<int64_t>(sizeof(Acc)) <= kNhwcPixelMajorMaxConstBytes)
+    if (direct && BlockConstants<Acc>::bytes(C, 2) <= kNhwcPixelMajorMaxConstBytes)
       return dw_fwd_nhwc_pixels<T, S, kAct, NhwcRows<T, S>>(x, y, wt, sc, sh, s);
   }
   const int64_t P = pixel_stride<Acc>(C);
